@@ -1,0 +1,196 @@
+"""The ``apollo`` command: train, eval, depths, compare.
+
+Errors the user can fix print one line (``error: ...``) and exit with status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, load_config_file
+from .errors import UserError
+
+log = logging.getLogger("apollo_lm")
+
+# options that may change when a run is resumed (they do not change what is computed)
+RESUME_OVERRIDES = {"device", "progress", "threads", "compile", "cache_dir"}
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(RunConfig):
+        meta = f.metadata
+        g = groups.setdefault(meta.get("group", "other"), p.add_argument_group(meta.get("group", "other")))
+        flag = "--" + f.name.replace("_", "-")
+        t = str(f.type)
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta.get("help", "")}
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default not in (None, [], dataclasses.MISSING) and not t.startswith("bool"):
+            kw["help"] += f" (default {default})"
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        if t.startswith("bool"):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "list" in t:
+            kw["nargs"] = "+"
+            kw["metavar"] = "PATH"
+        elif t.startswith("int"):
+            kw["type"] = int
+        elif t.startswith("float"):
+            kw["type"] = float
+        g.add_argument(flag, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apollo", description="Train Transformer language models from scratch, "
+                                "faster by growing them while they train.")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (from scratch or with a growth method)",
+                       description="Train a model. With no arguments: a tiny GPT on Python's own documentation "
+                       "text, a few minutes on a laptop CPU.")
+    t.add_argument("--config", help="TOML, YAML or JSON file of options (flags override it)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly where it stopped")
+    t.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="stop (with a checkpoint) after this step; continue later with --resume")
+    _add_run_options(t)
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained model on some text")
+    e.add_argument("run", help="run directory")
+    e.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files (any supported format)")
+    e.add_argument("--max-tokens", type=int, default=2_000_000, help="score at most this many tokens")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    d = sub.add_parser("depths", help="show the depth distribution a sampler produces")
+    d.add_argument("--sampler", default="lvps", choices=("lvps", "es", "us", "fs", "none"))
+    d.add_argument("--blocks", type=int, required=True, help="physical blocks n")
+    d.add_argument("--depth", type=int, required=True, help="target depth L")
+    d.add_argument("--draws", type=int, default=100_000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--lvps-low", type=float, default=0.6)
+    d.add_argument("--lvps-high", type=float, default=0.4)
+    d.add_argument("--json", action="store_true", help="print {depth: frequency} as one JSON object")
+    d.add_argument("--plot", metavar="PNG", help="also save a bar chart")
+
+    c = sub.add_parser("compare", help="how much compute and time growth saved against training from scratch")
+    c.add_argument("scratch", help="run directory of the scratch (baseline) run")
+    c.add_argument("runs", nargs="+", help="run directories of the methods to compare")
+    c.add_argument("--out", default=None, help="output directory for compare.json, compare.md and plots "
+                   "(default: compare/ next to the scratch run)")
+    c.add_argument("--json", action="store_true", help="print compare.json instead of the table")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import resume_run, start_run
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
+    if args.resume:
+        if args.config:
+            raise UserError("--resume continues a run with its own saved config: drop --config")
+        extra = sorted(set(given) - RESUME_OVERRIDES)
+        if extra:
+            raise UserError(f"--resume continues a run with its saved config; these options cannot change: "
+                            f"{', '.join('--' + e.replace('_', '-') for e in extra)}")
+        trainer = resume_run(Path(args.resume), args.stop_after, given)
+    else:
+        values = load_config_file(args.config) if args.config else {}
+        values.update(given)
+        cfg = RunConfig.from_dict(values, source=args.config or "options")
+        cfg.validate()
+        cfg = cfg.resolved()
+        cfg.validate()
+        if cfg.out is None:
+            cfg.out = f"runs/{cfg.model}-{cfg.preset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        trainer = start_run(cfg, Path(cfg.out))
+        trainer.stop_after = args.stop_after
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        log.info("run %s: %s %s (%d layers, %d hidden, %d heads, vocab %d), method %s, %.2fM parameters now, "
+                 "%d train / %d valid tokens", cfg.out, cfg.model, cfg.preset, trainer.mcfg.n_layer,
+                 trainer.mcfg.n_embd, trainer.mcfg.n_head, trainer.mcfg.vocab_size, cfg.method, n_params / 1e6,
+                 len(trainer.corpus.train.tokens), len(trainer.corpus.valid.tokens))
+    last = trainer.train()
+    st = trainer.state
+    if trainer.done():
+        val = st.last_val_loss
+        log.info("done: %d steps, %.3g tokens, %.3g FLOPs, %.1f s training (%.1f s in all); final validation loss "
+                 "%.4f (perplexity %.1f) at depth %d", st.step, st.tokens, st.flops, st.wall, st.wall_total,
+                 val, _exp(val), trainer.mcfg.n_layer)
+        log.info("run directory: %s (metrics.jsonl, checkpoints/); evaluate with: apollo eval %s --data FILE",
+                 trainer.run_dir, trainer.run_dir)
+    return 0 if last is not None else 1
+
+
+def _exp(x: float | None) -> float:
+    import math
+    return math.exp(min(x, 50)) if x is not None else float("nan")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.evaluate import evaluate_text, format_eval, load_run
+
+    run = load_run(args.run)
+    result = evaluate_text(run, args.data, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                           device=args.device)
+    print(json.dumps(result) if args.json else format_eval(result))
+    return 0
+
+
+def cmd_depths(args: argparse.Namespace) -> int:
+    from .growth.samplers import DepthSampler
+
+    if not 1 <= args.blocks <= args.depth:
+        raise UserError(f"--blocks must lie between 1 and --depth ({args.depth}), got {args.blocks}")
+    if args.draws < 1:
+        raise UserError("--draws must be at least 1")
+    s = DepthSampler(args.sampler, args.depth, args.lvps_low, args.lvps_high)
+    dist = s.distribution(args.blocks, args.draws, args.seed)
+    mean = sum(d * p for d, p in dist.items())
+    if args.json:
+        print(json.dumps({str(d): p for d, p in dist.items()}))
+    else:
+        print(f"{args.sampler} sampler, {args.blocks} physical blocks, target depth {args.depth}, "
+              f"{args.draws} draws (seed {args.seed}): mean depth {mean:.2f}, "
+              f"mean cost {mean / args.depth:.1%} of a full-depth step (blocks only)")
+        for d, p in dist.items():
+            print(f"  D={d:<3d} {p:7.3f}  {'#' * int(round(p * 60))}")
+    if args.plot:
+        from .eval.plots import plot_depth_distribution
+        plot_depth_distribution(dist, args.plot, f"{args.sampler}: n={args.blocks}, L={args.depth}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .eval.compare import compare_runs
+
+    return compare_runs(args.scratch, args.runs, args.out, as_json=args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    handlers = {"train": cmd_train, "eval": cmd_eval, "depths": cmd_depths, "compare": cmd_compare}
+    try:
+        return handlers[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

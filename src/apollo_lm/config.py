@@ -1,0 +1,397 @@
+"""Typed run configuration: presets, parsing of sizes and schedules, validation with fix-it messages.
+
+Every option of ``apollo train`` is a field of :class:`RunConfig`; its ``help`` metadata is the CLI help,
+and the same names (with ``_`` or ``-``) are the keys of a TOML or YAML config file. The resolved config is
+saved as ``config.json`` in the run directory and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+MODEL_FAMILIES = ("gpt", "bert")
+METHODS = ("scratch", "apollo", "progressive", "stack")
+SAMPLERS = ("lvps", "es", "us", "fs", "none")
+LAYER_MAPS = ("interpolate", "stack")
+
+# name: (n_layer, n_embd, n_head, seq_len, vocab_size)
+PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+    "tiny": (4, 128, 4, 128, 4096),
+    "gpt-small": (12, 512, 8, 512, 8192),
+    "gpt2-base": (12, 768, 12, 1024, 8192),
+    "bert-small": (12, 512, 8, 128, 8192),
+    "bert-base": (12, 768, 12, 128, 8192),
+    "bert-large": (24, 1024, 16, 128, 8192),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one model; what a checkpoint's ``model.json`` holds."""
+
+    family: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int
+    block_size: int  # size of the learned position table: the longest sequence the model accepts
+    dropout: float = 0.0
+    mlp_ratio: int = 4
+    type_vocab_size: int = 2  # BERT token types (segment A/B)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _opt(help: str, **kw: Any) -> Any:
+    """A config field with its CLI help text."""
+    default = kw.pop("default", None)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RunConfig:
+    # --- model
+    model: str = _opt("model family", default="gpt", choices=MODEL_FAMILIES, group="model")
+    preset: str = _opt("named model shape (sets layers, width, heads, sequence, vocabulary)",
+                       default="tiny", choices=tuple(PRESETS), group="model")
+    n_layer: int | None = _opt("number of Transformer blocks (target depth); default from the preset", group="model")
+    n_embd: int | None = _opt("hidden size; default from the preset", group="model")
+    n_head: int | None = _opt("attention heads; default from the preset", group="model")
+    seq_len: int | None = _opt("training sequence length in tokens; default from the preset", group="model")
+    vocab_size: int | None = _opt("tokenizer vocabulary size when training one; default from the preset",
+                                  group="model")
+    dropout: float = _opt("dropout probability", default=0.0, group="model")
+    # --- data
+    data: list[str] = _opt("training text: files, globs or directories (.txt, .jsonl, .parquet, optionally "
+                           ".gz/.xz/.zst) or hf:NAME[:CONFIG][@SPLIT]; default: Python's own documentation text",
+                           default=[], group="data")
+    valid: list[str] = _opt("validation text (same formats); default: hold out --valid-fraction of the documents",
+                            default=[], group="data")
+    valid_fraction: float = _opt("fraction of training documents held out for validation when --valid is not given",
+                                 default=0.05, group="data")
+    text_field: str = _opt("field holding the text in JSON Lines, Parquet and HF datasets", default="text",
+                           group="data")
+    txt_docs: str = _opt("how .txt files split into documents: 'blank-line' (paragraphs separated by an empty "
+                         "line) or 'file' (one document per file)", default="blank-line",
+                         choices=("blank-line", "file"), group="data")
+    tokenizer: str | None = _opt("tokenizer.json file or directory holding one; default: train one on the data "
+                                 "(byte-level BPE for gpt, WordPiece for bert)", group="data")
+    tokenizer_sample: int = _opt("at most this many characters of training text are used to train a tokenizer",
+                                 default=200_000_000, group="data")
+    cache_dir: str | None = _opt("where tokenized data is cached; default $APOLLO_CACHE or ~/.cache/apollo_lm",
+                                 group="data")
+    # --- budget (one of steps / tokens / flops)
+    steps: int | None = _opt("training budget in optimizer steps (default 400 when no budget is given)",
+                             group="budget")
+    tokens: str | None = _opt("training budget in tokens, e.g. 3M or 6e6", group="budget")
+    flops: str | None = _opt("training budget in FLOPs, e.g. 1e15", group="budget")
+    # --- optimisation
+    batch_size: int = _opt("sequences per micro-batch", default=16, group="optim")
+    grad_accum: int = _opt("micro-batches per optimizer step", default=1, group="optim")
+    lr: float = _opt("peak learning rate", default=1e-3, group="optim")
+    min_lr_ratio: float = _opt("final learning rate as a fraction of the peak", default=0.1, group="optim")
+    warmup: float = _opt("linear warmup, as a fraction of the budget", default=0.01, group="optim")
+    schedule: str = _opt("learning-rate schedule after warmup", default="cosine", choices=("cosine", "wsd"),
+                         group="optim")
+    decay: float = _opt("wsd: fraction of the budget spent decaying at the end", default=0.2, group="optim")
+    weight_decay: float = _opt("AdamW weight decay (matrices and embeddings only)", default=0.1, group="optim")
+    beta1: float = _opt("AdamW beta1", default=0.9, group="optim")
+    beta2: float = _opt("AdamW beta2", default=0.95, group="optim")
+    grad_clip: float = _opt("clip the gradient norm to this (0: off)", default=1.0, group="optim")
+    # --- evaluation, logging, checkpoints
+    eval_every: int = _opt("evaluate every N steps (and at the end)", default=100, group="eval")
+    eval_batches: int = _opt("fixed validation batches per evaluation", default=16, group="eval")
+    log_every: int = _opt("write a metrics line every N steps", default=1, group="eval")
+    save_every: int = _opt("checkpoint every N steps (and at the end)", default=200, group="eval")
+    keep_checkpoints: int = _opt("keep the last K checkpoints", default=2, group="eval")
+    # --- growth
+    method: str = _opt("training method", default="scratch", choices=METHODS, group="growth")
+    stages: str | None = _opt("physical blocks per stage, e.g. 1,3,6,12 (last = target depth); default adapts "
+                              "to the target depth", group="growth")
+    grow_at: str | None = _opt("stage starts after the first: fractions of the budget (0.05,0.1,0.25), or steps "
+                               "(100s,200s) or tokens (1Mt,2Mt)", group="growth")
+    sampler: str | None = _opt("depth sampler (apollo default lvps; others none)", choices=SAMPLERS,
+                               group="growth")
+    layer_map: str | None = _opt("how logical layers map to physical blocks and how blocks are copied on growth "
+                                 "(default interpolate; stack for --method stack)", choices=LAYER_MAPS,
+                                 group="growth")
+    grow_optimizer_state: str = _opt("AdamW moments of grown blocks: copy from the source block, or reset",
+                                     default="copy", choices=("copy", "reset"), group="growth")
+    lvps_low: float = _opt("LVPS curve value at x=1 (release constant 0.6)", default=0.6, group="growth")
+    lvps_high: float = _opt("LVPS offset added to L/n at x=x_min (release constant 0.4)", default=0.4,
+                            group="growth")
+    # --- system
+    out: str | None = _opt("run directory; default runs/<model>-<preset>-<method>-<time>", group="system")
+    seed: int = _opt("random seed (data order, masking, init, depth sampling)", default=1337, group="system")
+    device: str = _opt("cpu, cuda, cuda:N or auto", default="auto", group="system")
+    dtype: str = _opt("compute precision: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
+                      default="auto", choices=("auto", "fp32", "bf16"), group="system")
+    compile: bool = _opt("torch.compile each block and the head separately", default=False, group="system")
+    threads: int | None = _opt("CPU threads for torch (default: torch's choice)", group="system")
+    progress: bool = _opt("show a progress bar", default=True, group="system")
+
+    # ------------------------------------------------------------------ resolution
+    def model_config(self) -> ModelConfig:
+        n_layer, n_embd, n_head, seq_len, vocab = PRESETS[self.preset]
+        return ModelConfig(
+            family=self.model,
+            n_layer=self.n_layer or n_layer,
+            n_embd=self.n_embd or n_embd,
+            n_head=self.n_head or n_head,
+            vocab_size=self.vocab_size or vocab,
+            block_size=self.seq_len or seq_len,
+            dropout=self.dropout,
+        )
+
+    def resolved(self) -> RunConfig:
+        """A copy with every preset-derived and method-derived default filled in."""
+        c = dataclasses.replace(self)
+        n_layer, n_embd, n_head, seq_len, vocab = PRESETS[c.preset]
+        c.n_layer = c.n_layer or n_layer
+        c.n_embd = c.n_embd or n_embd
+        c.n_head = c.n_head or n_head
+        c.seq_len = c.seq_len or seq_len
+        c.vocab_size = c.vocab_size or vocab
+        if c.steps is None and c.tokens is None and c.flops is None:
+            c.steps = 400
+        if c.layer_map is None:
+            c.layer_map = "stack" if c.method == "stack" else "interpolate"
+        if c.sampler is None:
+            c.sampler = "lvps" if c.method == "apollo" else "none"
+        if c.method != "scratch":
+            if c.stages is None:
+                c.stages = ",".join(str(s) for s in default_stages(c.method, c.n_layer))
+            if c.grow_at is None:
+                c.grow_at = ",".join(str(g) for g in default_grow_at(len(parse_stages(c.stages))))
+        return c
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` naming the first problem and its fix."""
+        c = self
+        if c.model not in MODEL_FAMILIES:
+            raise UserError(f"unknown --model {c.model!r}: choose one of {', '.join(MODEL_FAMILIES)}")
+        if c.preset not in PRESETS:
+            raise UserError(f"unknown --preset {c.preset!r}: choose one of {', '.join(PRESETS)}")
+        if c.method not in METHODS:
+            raise UserError(f"unknown --method {c.method!r}: choose one of {', '.join(METHODS)}")
+        for name in ("n_layer", "n_embd", "n_head", "seq_len", "batch_size", "grad_accum", "eval_every",
+                     "eval_batches", "log_every", "save_every", "keep_checkpoints"):
+            v = getattr(c, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise UserError(f"--{_flag(name)} must be a positive integer, got {v!r}")
+        if c.vocab_size is not None and c.vocab_size < 64:
+            raise UserError(f"--vocab-size must be at least 64, got {c.vocab_size}")
+        if c.n_embd is not None and c.n_head is not None and c.n_embd % c.n_head:
+            raise UserError(f"hidden size {c.n_embd} is not divisible by {c.n_head} heads: "
+                            "choose --n-embd a multiple of --n-head")
+        if c.n_embd is not None and c.n_head is not None and (c.n_embd // c.n_head) % 2:
+            raise UserError(f"head size {c.n_embd // c.n_head} must be even: change --n-embd or --n-head")
+        if not (c.lr > 0 and math.isfinite(c.lr)):
+            raise UserError(f"--lr must be a positive number, got {c.lr}")
+        for name, lo, hi in (("min_lr_ratio", 0, 1), ("warmup", 0, 0.5), ("decay", 0, 1), ("dropout", 0, 0.9),
+                             ("valid_fraction", 0, 0.5), ("beta1", 0, 0.9999), ("beta2", 0, 0.99999)):
+            v = getattr(c, name)
+            if not (lo <= v <= hi):
+                raise UserError(f"--{_flag(name)} must be between {lo} and {hi}, got {v}")
+        if c.weight_decay < 0 or c.grad_clip < 0:
+            raise UserError("--weight-decay and --grad-clip must be >= 0")
+        budgets = [b for b in ("steps", "tokens", "flops") if getattr(c, b) is not None]
+        if len(budgets) > 1:
+            raise UserError(f"give one budget, not {' and '.join('--' + b for b in budgets)}")
+        if c.steps is not None and c.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {c.steps}")
+        if c.tokens is not None:
+            parse_amount(c.tokens, "--tokens")
+        if c.flops is not None:
+            parse_amount(c.flops, "--flops")
+        if c.sampler is not None and c.sampler not in SAMPLERS:
+            raise UserError(f"unknown --sampler {c.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if c.layer_map is not None and c.layer_map not in LAYER_MAPS:
+            raise UserError(f"unknown --layer-map {c.layer_map!r}: choose one of {', '.join(LAYER_MAPS)}")
+        if not (0 < c.lvps_low and 0 <= c.lvps_high):
+            raise UserError("--lvps-low must be > 0 and --lvps-high >= 0")
+        if c.method == "scratch" and (c.stages or c.grow_at):
+            raise UserError("--stages/--grow-at need a growth method: add --method apollo, progressive or stack")
+        if c.method == "scratch" and c.sampler not in (None, "none"):
+            raise UserError("--sampler needs a growth method: add --method apollo")
+        if c.threads is not None and c.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {c.threads}")
+        if c.n_layer is not None and c.stages is not None:
+            stages = parse_stages(c.stages)
+            if stages[-1] != c.n_layer:
+                raise UserError(f"the last stage ({stages[-1]} blocks) must equal the target depth "
+                                f"(--n-layer {c.n_layer}): end --stages with {c.n_layer}")
+        if c.stages is not None:
+            stages = parse_stages(c.stages)
+            if c.grow_at is not None:
+                points = parse_grow_at(c.grow_at)
+                if len(points) != len(stages) - 1:
+                    raise UserError(f"--grow-at gives {len(points)} growth points for {len(stages)} stages: give "
+                                    f"one point per stage after the first ({len(stages) - 1})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> RunConfig:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kw: dict[str, Any] = {}
+        for key, value in d.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                close = [n for n in names if n.startswith(name[:3])]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise UserError(f"{source}: unknown option {key!r}{hint}; see `apollo train --help`")
+            kw[name] = _coerce(name, value, names[name], source)
+        return cls(**kw)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(name: str, value: Any, f: dataclasses.Field, source: str) -> Any:
+    """Check a config-file value against the field's type (files carry typed values, not strings)."""
+    t = str(f.type)
+    if value is None:
+        return None
+    if "list" in t:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif t.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+    elif t.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif t.startswith("float"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif t.startswith("str"):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value) if not isinstance(value, str) else value
+    kind = t.split(" ")[0].split("|")[0]
+    raise UserError(f"{source}: option {name!r} must be of type {kind}, got {value!r}")
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist: check the path given to --config")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".toml":
+            import tomllib  # Python >= 3.11
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UserError(f"config file {path}: use a .toml, .yaml/.yml or .json file")
+    except UserError:
+        raise
+    except Exception as e:  # parse errors of any of the three formats
+        raise UserError(f"config file {path} could not be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a table of option = value")
+    # allow [model], [data], ... sections for readability: flatten one level
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[k] = v
+    return flat
+
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12, "p": 1e15}
+
+
+def parse_amount(text: str | int | float, what: str = "value") -> float:
+    """'3M' -> 3e6, '1.5e6' -> 1.5e6, '2k' -> 2000."""
+    if isinstance(text, (int, float)):
+        v = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGbBtTpP]?)\s*", str(text))
+        if not m:
+            raise UserError(f"{what}: cannot read {text!r} as an amount; write e.g. 3M, 1.5e6 or 2000")
+        v = float(m.group(1)) * _SUFFIX.get(m.group(2).lower(), 1.0)
+    if not (v > 0 and math.isfinite(v)):
+        raise UserError(f"{what} must be positive, got {text!r}")
+    return v
+
+
+def parse_stages(text: str) -> list[int]:
+    try:
+        stages = [int(s) for s in str(text).replace(" ", "").split(",") if s]
+    except ValueError:
+        raise UserError(f"--stages {text!r}: give comma-separated block counts such as 1,3,6,12") from None
+    if not stages or any(s < 1 for s in stages):
+        raise UserError(f"--stages {text!r}: block counts must be positive integers, e.g. 1,3,6,12")
+    if any(b <= a for a, b in zip(stages, stages[1:])):
+        raise UserError(f"--stages {text!r}: block counts must increase from stage to stage, e.g. 1,3,6,12")
+    return stages
+
+
+def parse_grow_at(text: str) -> list[tuple[float, str]]:
+    """Growth points as (value, unit) with unit 'fraction', 'steps' or 'tokens'."""
+    out: list[tuple[float, str]] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?[kKmMgGbB]?)(s|steps|t|tok|tokens)?", part)
+        if not m:
+            raise UserError(f"--grow-at {text!r}: write fractions (0.05,0.1), steps (100s,200s) or tokens "
+                            "(1Mt,2Mt)")
+        unit = {None: "fraction", "s": "steps", "steps": "steps"}.get(m.group(2), "tokens")
+        value = parse_amount(m.group(1), "--grow-at")
+        if unit == "fraction" and not (0 < value < 1):
+            raise UserError(f"--grow-at {text!r}: fractions of the budget must lie strictly between 0 and 1 "
+                            "(use a suffix s or t for steps or tokens)")
+        out.append((value, unit))
+    if any(b[0] <= a[0] for a, b in zip(out, out[1:])) or len({u for _, u in out}) > 1:
+        raise UserError(f"--grow-at {text!r}: growth points must increase and use one unit")
+    return out
+
+
+def default_stages(method: str, n_layer: int) -> list[int]:
+    """Apollo's 1 -> 3 -> 6 -> 12 for 12 layers, adapted to other depths; depth doubling for stacking."""
+    if method == "stack":
+        # StackBERT doubles the depth at each stage, starting from a quarter of the target
+        s = [n_layer]
+        while s[0] % 2 == 0 and s[0] // 2 >= max(1, n_layer // 4):
+            s.insert(0, s[0] // 2)
+        return s if len(s) > 1 else [max(1, n_layer // 2), n_layer] if n_layer > 1 else [1]
+    if n_layer == 12:
+        return [1, 3, 6, 12]
+    stages = sorted({1, max(1, round(n_layer / 4)), max(1, round(n_layer / 2)), n_layer})
+    return stages
+
+
+def default_grow_at(n_stages: int) -> list[float]:
+    """Apollo's published growth points (5 %, 10 %, 25 % of training), truncated to the number of stages."""
+    pts = [0.05, 0.10, 0.25]
+    if n_stages - 1 <= len(pts):
+        return pts[len(pts) - (n_stages - 1):] if n_stages > 1 else []
+    step = 0.5 / (n_stages - 1)
+    return [round(step * (i + 1), 4) for i in range(n_stages - 1)]

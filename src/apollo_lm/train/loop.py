@@ -1,0 +1,382 @@
+"""The training loop: scratch training and every depth-growth method share it.
+
+Each optimizer step asks the stage schedule how many physical blocks are in force (growing the model and
+its optimizer state at a stage boundary), draws one depth D from the sampler, runs the model through the
+layer map for D, and counts the FLOPs of the depth actually run. Evaluation runs at the target depth L
+through the layer map (the model as it would be delivered now) and, while n < L, at the physical depth n.
+Wall-clock time excludes evaluation and checkpointing; ``wall_total`` includes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig, RunConfig, parse_amount, parse_grow_at, parse_stages
+from ..data.batches import Batch, Batcher
+from ..data.tokenizer import load_tokenizer, save_tokenizer
+from ..data.tokens import Corpus, prepare_corpus
+from ..errors import UserError
+from ..growth.expand import expand_state
+from ..growth.maps import layer_map
+from ..growth.samplers import DepthSampler, rng_from_state, rng_state
+from ..growth.schedule import StageSchedule
+from ..models import build_model
+from .checkpoint import (latest_checkpoint, load_model_state, model_state, read_checkpoint, save_checkpoint,
+                         write_json)
+from .flops import peak_flops, train_step_flops
+from .metrics import MetricsWriter, truncate_metrics
+from .optim import (build_optimizer, flatten_optimizer_state, load_named_optimizer_state, lr_at,
+                    named_optimizer_state, unflatten_optimizer_state)
+from .wrap import autocast_dtype, prepare_model, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    wall: float = 0.0  # training seconds, evaluation and checkpointing excluded
+    wall_total: float = 0.0
+    n_blocks: int = 0
+    stage: int = 0
+    sampler_rng: dict = field(default_factory=dict)
+    last_val_loss: float | None = None
+
+
+def model_config_for(cfg: RunConfig, vocab_size: int) -> ModelConfig:
+    m = cfg.model_config()
+    m.vocab_size = vocab_size
+    return m
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None,
+             lmap: list[int] | None = None) -> float:
+    """Token-weighted mean loss over fixed batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        b = b.to(device)
+        with _autocast(device, amp):
+            _, loss = model(b.x, b.y, layer_map=lmap)
+        n = int((b.y != -100).sum())
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp)
+
+
+class Trainer:
+    """Set up from a resolved config (or a run directory to resume) and train to the end of the budget."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, stop_after: int | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.stop_after = stop_after
+        self._stop_signal: str | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.amp = autocast_dtype(cfg.dtype, self.device)
+        tok = load_tokenizer(str(self.run_dir / "tokenizer.json")) if self.resume else None
+        self.corpus: Corpus = prepare_corpus(cfg, tokenizer=tok)
+        vocab = self.corpus.tokenizer.get_vocab_size()
+        self.mcfg = model_config_for(cfg, vocab)
+        self.batcher = Batcher(self.corpus.train.tokens, cfg.model, cfg.seq_len, cfg.batch_size, self.corpus.ids,
+                               vocab, cfg.seed)
+        valid_batcher = Batcher(self.corpus.valid.tokens, cfg.model, cfg.seq_len, cfg.batch_size,
+                                self.corpus.ids, vocab, cfg.seed)
+        self.valid_batches = valid_batcher.fixed_batches(cfg.eval_batches)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        self._setup_budget_and_schedule()
+        self.sampler = DepthSampler(cfg.sampler, self.mcfg.n_layer, cfg.lvps_low, cfg.lvps_high)
+        self.state = TrainState(n_blocks=self.schedule.stages[0])
+        self.sampler_rng = np.random.default_rng([cfg.seed, 0xDE9])
+        if self.resume:
+            self._load_latest()
+        else:
+            torch.manual_seed(cfg.seed)
+            self._build(self.schedule.stages[0], weights=None, opt_state=None)
+        self.peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
+
+    def _setup_budget_and_schedule(self) -> None:
+        cfg = self.cfg
+        if cfg.flops is not None:
+            self.budget_unit, self.budget_total = "flops", parse_amount(cfg.flops, "--flops")
+        elif cfg.tokens is not None:
+            toks = parse_amount(cfg.tokens, "--tokens")
+            self.budget_unit, self.budget_total = "steps", max(1, math.ceil(toks / self.tokens_per_step))
+        else:
+            self.budget_unit, self.budget_total = "steps", cfg.steps
+        if cfg.method == "scratch":
+            self.schedule = StageSchedule.single(self.mcfg.n_layer)
+            return
+        stages = parse_stages(cfg.stages)
+        if stages[-1] != self.mcfg.n_layer:
+            raise UserError(f"the last stage ({stages[-1]} blocks) must equal the target depth {self.mcfg.n_layer}: "
+                            f"end --stages with {self.mcfg.n_layer}")
+        starts: list[float] = []
+        for value, unit in parse_grow_at(cfg.grow_at):
+            if unit == "fraction":
+                starts.append(round(value * self.budget_total) if self.budget_unit == "steps"
+                              else value * self.budget_total)
+            elif self.budget_unit == "flops":
+                raise UserError("with a --flops budget give --grow-at as fractions of the budget (e.g. 0.05,0.1)")
+            elif unit == "steps":
+                starts.append(round(value))
+            else:
+                starts.append(round(value / self.tokens_per_step))
+        if any(s <= 0 or s >= self.budget_total for s in starts) or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise UserError(f"--grow-at {cfg.grow_at} gives growth points {starts} that do not increase strictly "
+                            f"inside the budget (0, {self.budget_total:g} {self.budget_unit}): choose later or "
+                            "fewer points, or a larger budget")
+        self.schedule = StageSchedule(tuple(stages), tuple(starts), self.budget_unit)
+
+    def _build(self, n_blocks: int, weights: dict[str, torch.Tensor] | None,
+               opt_state: dict[str, dict[str, torch.Tensor]] | None) -> None:
+        """(Re)build model, wrapping and optimizer with ``n_blocks`` physical blocks."""
+        cfg = self.cfg
+        if weights is None:
+            model = build_model(self.mcfg, n_blocks)
+        else:
+            with torch.random.fork_rng(devices=[]):  # a rebuild must not move the run's RNG stream
+                model = build_model(self.mcfg, n_blocks)
+            load_model_state(model, weights)
+        self.model = prepare_model(model, self.device, cfg.compile)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device)
+        if opt_state:
+            load_named_optimizer_state(self.optimizer, self.model, opt_state)
+        self.state.n_blocks = n_blocks
+
+    def _grow(self, stage: int) -> None:
+        n_old, n_new = self.state.n_blocks, self.schedule.stages[stage]
+        cfg = self.cfg
+        weights = expand_state(model_state(self.model), n_old, n_new, cfg.layer_map)
+        opt_state = expand_state(named_optimizer_state(self.optimizer, self.model), n_old, n_new, cfg.layer_map,
+                                 copy_blocks=cfg.grow_optimizer_state == "copy")
+        log.info("step %d: growing %d -> %d blocks (%s, optimizer state %s)", self.state.step, n_old, n_new,
+                 cfg.layer_map, cfg.grow_optimizer_state)
+        self._build(n_new, weights, opt_state)
+        self.state.stage = stage
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_latest(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise UserError(f"{self.run_dir} has no complete checkpoint to resume from: start it again without "
+                            "--resume (remove the directory first)")
+        ck = read_checkpoint(path)
+        st = ck["state"]
+        mc = ModelConfig.from_dict(ck["model_config"])
+        if mc.to_dict() | {"n_layer": 0} != self.mcfg.to_dict() | {"n_layer": 0} or mc.n_layer != self.mcfg.n_layer:
+            raise UserError(f"checkpoint {path} was written for a different model ({mc}); resume it with the "
+                            "config it was started with")
+        self.state = TrainState(**{k: v for k, v in st.items() if k in TrainState.__dataclass_fields__})
+        opt = unflatten_optimizer_state(ck["optimizer"]) if ck["optimizer"] is not None else None
+        self._build(self.state.n_blocks, ck["weights"], opt)
+        self.sampler_rng = rng_from_state(self.state.sampler_rng)
+        if ck["rng"] is not None:
+            torch.set_rng_state(ck["rng"]["torch"])
+            if self.device.type == "cuda" and "cuda" in ck["rng"]:
+                torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
+        truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+        log.info("resumed %s at step %d (%d blocks)", self.run_dir, self.state.step, self.state.n_blocks)
+
+    def save(self) -> Path:
+        self.state.sampler_rng = rng_state(self.sampler_rng)
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        st = dict(self.state.__dict__)
+        st["target_depth"] = self.mcfg.n_layer
+        st["layer_map"] = self.cfg.layer_map
+        return save_checkpoint(self.run_dir, self.state.step, model_state(self.model),
+                               flatten_optimizer_state(named_optimizer_state(self.optimizer, self.model)), rng, st,
+                               self.cfg.to_dict(), self.mcfg.to_dict() | {"n_blocks": self.state.n_blocks},
+                               self.cfg.keep_checkpoints)
+
+    # ------------------------------------------------------------------ training
+    def position(self) -> float:
+        return self.state.step if self.budget_unit == "steps" else self.state.flops
+
+    def done(self) -> bool:
+        return self.position() >= self.budget_total
+
+    def target_map(self) -> list[int] | None:
+        n, L = self.state.n_blocks, self.mcfg.n_layer
+        return None if n == L else layer_map(self.cfg.layer_map, n, L)
+
+    def run_evaluation(self) -> dict[str, float]:
+        out = {"val_loss": evaluate(self.model, self.valid_batches, self.device, self.amp, self.target_map())}
+        if self.state.n_blocks < self.mcfg.n_layer:
+            out["val_loss_physical"] = evaluate(self.model, self.valid_batches, self.device, self.amp, None)
+        return out
+
+    def _install_signal_handlers(self):
+        previous = {}
+
+        def handler(signum, frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not in the main thread
+                pass
+        return previous
+
+    def train(self) -> dict[str, Any]:
+        cfg, st = self.cfg, self.state
+        metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+        previous = self._install_signal_handlers()
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            total = int(self.budget_total) if self.budget_unit == "steps" else None
+            bar = tqdm(total=total, initial=st.step, unit="step", dynamic_ncols=True, mininterval=0.5)
+        t_start = time.perf_counter() - st.wall_total
+        last: dict[str, Any] = {}
+        try:
+            while not self.done():
+                record = self._train_step()
+                step = st.step
+                is_last = self.done()
+                stopping = is_last or self._stop_signal is not None or (self.stop_after is not None and
+                                                                       step >= self.stop_after)
+                if step % cfg.eval_every == 0 or is_last:
+                    ev = self.run_evaluation()
+                    record.update(ev)
+                    st.last_val_loss = ev["val_loss"]
+                st.wall_total = time.perf_counter() - t_start
+                record["wall_total"] = round(st.wall_total, 4)
+                if step % cfg.log_every == 0 or "val_loss" in record or stopping:
+                    metrics.write(record)
+                if bar is not None:
+                    post = {"loss": f"{record['train_loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+                    if st.last_val_loss is not None:
+                        post["val"] = f"{st.last_val_loss:.3f}"
+                    if self.schedule.stages[-1] != self.schedule.stages[0]:
+                        post["depth"] = f"{record['depth']}/{record['n_blocks']}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if step % cfg.save_every == 0 or stopping:
+                    self.save()
+                last = record
+                if stopping and not is_last:
+                    why = self._stop_signal or f"--stop-after {self.stop_after}"
+                    log.info("stopped at step %d (%s); continue with: apollo train --resume %s", step, why,
+                             self.run_dir)
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+        return last
+
+    def _train_step(self) -> dict[str, Any]:
+        cfg, st = self.cfg, self.state
+        t0 = time.perf_counter()
+        stage = self.schedule.stage_at(self.position())
+        if stage != st.stage or self.schedule.stages[stage] != st.n_blocks:
+            self._grow(stage)
+        n = st.n_blocks
+        depth = self.sampler.sample(n, self.sampler_rng)
+        lmap = None if depth == n and cfg.layer_map == "interpolate" else layer_map(cfg.layer_map, n, depth)
+        step_flops = train_step_flops(self.model, depth, cfg.seq_len, self.tokens_per_step)
+        if self.budget_unit == "steps":
+            progress = (st.step + 1) / self.budget_total
+        else:
+            progress = min(1.0, (st.flops + step_flops) / self.budget_total)
+        lr = lr_at(progress, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.schedule, cfg.decay)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = self.batcher.get(st.step, micro).to(self.device)
+            with _autocast(self.device, self.amp):
+                _, loss = self.model(batch.x, batch.y, layer_map=lmap)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        train_loss = float(loss_sum) / cfg.grad_accum  # synchronises the device before the clock is read
+        dt = time.perf_counter() - t0
+        st.step += 1
+        st.tokens += self.tokens_per_step
+        st.flops += step_flops
+        st.wall += dt
+        record = {
+            "step": st.step, "tokens": st.tokens, "flops": st.flops, "train_loss": train_loss, "lr": lr,
+            "depth": depth, "n_blocks": n, "stage": st.stage, "tokens_per_s": self.tokens_per_step / dt,
+            "wall": round(st.wall, 4),
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if self.peak:
+            record["mfu"] = step_flops / dt / self.peak
+        return record
+
+
+def start_run(cfg: RunConfig, run_dir: Path) -> Trainer:
+    """Validate, prepare data and build everything before writing anything into ``run_dir``."""
+    if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
+        raise UserError(f"{run_dir} already holds a run: continue it with `apollo train --resume {run_dir}`, or "
+                        "choose another --out")
+    trainer = Trainer(cfg, run_dir)
+    trainer.setup()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(trainer.corpus.tokenizer, run_dir / "tokenizer.json")
+    write_json(run_dir / "model.json", trainer.mcfg.to_dict())
+    write_json(run_dir / "config.json", cfg.to_dict())
+    write_json(run_dir / "data.json", {"train_sources": trainer.corpus.sources,
+                                       "valid_sources": trainer.corpus.valid_sources,
+                                       "cache_key": trainer.corpus.cache_key,
+                                       "train_tokens": int(len(trainer.corpus.train.tokens)),
+                                       "valid_tokens": int(len(trainer.corpus.valid.tokens)),
+                                       "valid_fraction": None if trainer.corpus.valid_sources else
+                                       cfg.valid_fraction})
+    return trainer
+
+
+def resume_run(run_dir: Path, stop_after: int | None = None, overrides: dict[str, Any] | None = None) -> Trainer:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.json): give the --out of an earlier run")
+    cfg = RunConfig.from_dict(json.loads(path.read_text()), source=str(path))
+    for k, v in (overrides or {}).items():
+        setattr(cfg, k, v)
+    trainer = Trainer(cfg, run_dir, resume=True, stop_after=stop_after)
+    trainer.setup()
+    return trainer
