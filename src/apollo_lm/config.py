@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import UserError
 
-MODEL_FAMILIES = ("gpt", "bert")
+MODEL_FAMILIES = ("gpt", "bert", "llama")
 METHODS = ("scratch", "apollo", "progressive", "stack")
 SAMPLERS = ("lvps", "es", "us", "fs", "none")
 LAYER_MAPS = ("interpolate", "stack")
@@ -46,6 +46,13 @@ class ModelConfig:
     dropout: float = 0.0
     mlp_ratio: int = 4
     type_vocab_size: int = 2  # BERT token types (segment A/B)
+    # Llama only (the other families ignore these): grouped-query key/value heads (None: n_head), tied
+    # output head, rotary base, SwiGLU hidden size (None: 2/3 of mlp_ratio * n_embd), RMSNorm epsilon
+    n_kv_head: int | None = None
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    intermediate_size: int | None = None
+    norm_eps: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,6 +84,10 @@ class RunConfig:
     vocab_size: int | None = _opt("tokenizer vocabulary size when training one; default from the preset",
                                   group="model")
     dropout: float = _opt("dropout probability", default=0.0, group="model")
+    n_kv_head: int | None = _opt("llama: key/value heads for grouped-query attention (divides --n-head); "
+                                 "default: one per query head", group="model")
+    tie_embeddings: bool = _opt("llama: share the input embedding and the output head (gpt and bert always "
+                                "do)", default=True, group="model")
     # --- data
     data: list[str] = _opt("training text: files, globs or directories (.txt, .jsonl, .parquet, optionally "
                            ".gz/.xz/.zst) or hf:NAME[:CONFIG][@SPLIT]; default: Python's own documentation text",
@@ -157,6 +168,8 @@ class RunConfig:
             vocab_size=self.vocab_size or vocab,
             block_size=self.seq_len or seq_len,
             dropout=self.dropout,
+            n_kv_head=self.n_kv_head,
+            tie_embeddings=self.tie_embeddings,
         )
 
     def resolved(self) -> RunConfig:
@@ -200,6 +213,10 @@ class RunConfig:
         if c.n_embd is not None and c.n_head is not None and c.n_embd % c.n_head:
             raise UserError(f"hidden size {c.n_embd} is not divisible by {c.n_head} heads: "
                             "choose --n-embd a multiple of --n-head")
+        if c.n_kv_head is not None and (c.n_kv_head < 1 or (c.n_head is not None and c.n_head % c.n_kv_head)):
+            raise UserError(f"--n-kv-head {c.n_kv_head} must be a positive divisor of the {c.n_head} query heads")
+        if c.n_kv_head is not None and c.model != "llama":
+            raise UserError("--n-kv-head applies to --model llama only: drop it or add --model llama")
         if c.n_embd is not None and c.n_head is not None and (c.n_embd // c.n_head) % 2:
             raise UserError(f"head size {c.n_embd // c.n_head} must be even: change --n-embd or --n-head")
         if not (c.lr > 0 and math.isfinite(c.lr)):

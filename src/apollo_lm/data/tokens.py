@@ -113,7 +113,7 @@ def _write_tokens(tok: Tokenizer, sep: int, docs: Iterable[str], dtype, out: dic
     try:
         for chunk in _chunks(docs, CHUNK_DOCS):
             for text, ids in zip(chunk, encode_documents(tok, chunk)):
-                name = "train"
+                name = "train" if "train" in files else "valid"
                 if holdout is not None and int((i + 1) * holdout) > int(i * holdout):
                     name = "valid"
                 i += 1

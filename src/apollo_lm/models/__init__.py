@@ -7,8 +7,9 @@ import torch.nn as nn
 from ..config import ModelConfig
 from .bert import BERT
 from .gpt import GPT
+from .llama import Llama
 
-FAMILIES: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": BERT}
+FAMILIES: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": BERT, "llama": Llama}
 
 
 def build_model(cfg: ModelConfig, n_blocks: int | None = None) -> nn.Module:
@@ -16,4 +17,4 @@ def build_model(cfg: ModelConfig, n_blocks: int | None = None) -> nn.Module:
     return FAMILIES[cfg.family](cfg, n_blocks=n_blocks)
 
 
-__all__ = ["BERT", "GPT", "FAMILIES", "build_model"]
+__all__ = ["BERT", "GPT", "Llama", "FAMILIES", "build_model"]

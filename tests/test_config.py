@@ -1,0 +1,78 @@
+"""Config: presets, parsing of amounts and schedules, and validation messages that name the fix."""
+
+import pytest
+
+from apollo_lm.config import (PRESETS, RunConfig, default_grow_at, default_stages, load_config_file,
+                              parse_amount, parse_grow_at, parse_stages)
+from apollo_lm.errors import UserError
+
+
+def test_presets_have_the_paper_shapes():
+    assert PRESETS["gpt-small"][:3] == (12, 512, 8)
+    assert PRESETS["gpt2-base"][:3] == (12, 768, 12)
+    assert PRESETS["bert-base"][:3] == (12, 768, 12)
+    assert PRESETS["bert-large"][:3] == (24, 1024, 16)
+    m = RunConfig(model="bert", preset="bert-small").model_config()
+    assert (m.family, m.n_layer, m.n_embd, m.n_head) == ("bert", 12, 512, 8)
+
+
+def test_resolved_fills_method_defaults():
+    c = RunConfig(method="apollo", preset="gpt-small").resolved()
+    assert (c.stages, c.grow_at, c.sampler, c.layer_map) == ("1,3,6,12", "0.05,0.1,0.25", "lvps", "interpolate")
+    assert RunConfig(method="apollo").resolved().stages == "1,2,4"  # tiny preset: 4 layers
+    s = RunConfig(method="stack", preset="gpt-small").resolved()
+    assert (s.stages, s.sampler, s.layer_map) == ("3,6,12", "none", "stack")
+    assert RunConfig().resolved().steps == 400
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"n_embd": 100, "n_head": 3}, "not divisible"),
+    ({"lr": -1.0}, "--lr"),
+    ({"batch_size": 0}, "--batch-size"),
+    ({"steps": 10, "tokens": "1M"}, "one budget"),
+    ({"tokens": "lots"}, "--tokens"),
+    ({"method": "apollo", "n_layer": 12, "stages": "1,3,6"}, "target depth"),
+    ({"method": "apollo", "stages": "1,3,6,12", "grow_at": "0.1,0.2"}, "growth points"),
+    ({"stages": "1,2,4"}, "growth method"),
+    ({"warmup": 0.9}, "--warmup"),
+])
+def test_validation_names_the_problem(kw, needle):
+    with pytest.raises(UserError, match=needle):
+        RunConfig(**kw).validate()
+
+
+def test_amounts_and_schedules():
+    assert parse_amount("3M") == 3e6 and parse_amount("1.5e6") == 1.5e6 and parse_amount("2k") == 2000
+    assert parse_stages("1, 3,6,12") == [1, 3, 6, 12]
+    with pytest.raises(UserError, match="increase"):
+        parse_stages("3,3,6")
+    assert parse_grow_at("0.05,0.1") == [(0.05, "fraction"), (0.1, "fraction")]
+    assert parse_grow_at("100s,300s") == [(100, "steps"), (300, "steps")]
+    assert parse_grow_at("1Mt,2Mt") == [(1e6, "tokens"), (2e6, "tokens")]
+    for bad in ("0.3,0.2", "1.5", "0.1,100s"):
+        with pytest.raises(UserError):
+            parse_grow_at(bad)
+    assert default_stages("apollo", 12) == [1, 3, 6, 12]
+    assert default_stages("apollo", 24) == [1, 6, 12, 24]
+    assert default_grow_at(4) == [0.05, 0.1, 0.25]
+
+
+def test_config_files_toml_yaml_and_errors(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('model = "bert"\n[optim]\nlr = 3e-4\nbatch_size = 8\n')
+    values = load_config_file(str(toml))
+    c = RunConfig.from_dict(values)
+    assert (c.model, c.lr, c.batch_size) == ("bert", 3e-4, 8)
+    yml = tmp_path / "c.yaml"
+    yml.write_text("model: gpt\nsteps: 12\ndata: [a.txt, b.txt]\n")
+    assert RunConfig.from_dict(load_config_file(str(yml))).data == ["a.txt", "b.txt"]
+    with pytest.raises(UserError, match="unknown option 'learning_rate'"):
+        RunConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(UserError, match="must be of type int"):
+        RunConfig.from_dict({"batch_size": "big"})
+    with pytest.raises(UserError, match="does not exist"):
+        load_config_file(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("model = = 1")
+    with pytest.raises(UserError, match="could not be parsed"):
+        load_config_file(str(bad))

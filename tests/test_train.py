@@ -1,0 +1,134 @@
+"""Training end to end through the CLI: metrics, checkpoints, exact resume, eval, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from apollo_lm.train.checkpoint import checkpoint_dirs, read_checkpoint
+from apollo_lm.train.metrics import read_metrics
+
+from .conftest import TINY, run_cli
+
+COMPARED = ("step", "tokens", "flops", "train_loss", "lr", "depth", "n_blocks", "stage", "val_loss",
+            "val_loss_physical")
+
+
+def _train(out, corpus_files, *extra):
+    train, valid = corpus_files
+    return run_cli("train", "--data", str(train), "--valid", str(valid), "--out", str(out), *TINY, *extra)
+
+
+def _same_metrics(a, b):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert {k: ra.get(k) for k in COMPARED} == {k: rb.get(k) for k in COMPARED}
+
+
+@pytest.mark.parametrize("model", ["gpt", "bert"])
+def test_train_writes_run_and_loss_falls(tmp_path, corpus_files, model):
+    out = tmp_path / "run"
+    assert _train(out, corpus_files, "--model", model, "--steps", "30", "--eval-every", "15", "--lr", "3e-3") == 0
+    for name in ("config.json", "model.json", "tokenizer.json", "data.json", "metrics.jsonl"):
+        assert (out / name).is_file()
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    evals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(evals) == 2 and evals[-1] < evals[0]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert all(r["wall"] <= r["wall_total"] for r in rows)
+    ck = read_checkpoint(checkpoint_dirs(out)[-1])
+    assert ck["state"]["step"] == 30 and ck["state"]["tokens"] == 30 * 4 * 32
+    assert abs(ck["state"]["flops"] - rows[-1]["flops"]) < 1
+
+
+@pytest.mark.parametrize("model", ["gpt", "bert"])
+def test_resume_equals_uninterrupted(tmp_path, corpus_files, model):
+    args = ("--model", model, "--steps", "12", "--eval-every", "4", "--save-every", "5", "--dropout", "0.1")
+    assert _train(tmp_path / "full", corpus_files, *args) == 0
+    assert _train(tmp_path / "part", corpus_files, *args, "--stop-after", "7") == 0
+    assert len(read_metrics(tmp_path / "part" / "metrics.jsonl")) == 7
+    assert run_cli("train", "--resume", str(tmp_path / "part"), "--no-progress") == 0
+    _same_metrics(read_metrics(tmp_path / "full" / "metrics.jsonl"), read_metrics(tmp_path / "part" / "metrics.jsonl"))
+
+
+def test_resume_after_a_crash_rewinds_metrics(tmp_path, corpus_files):
+    """A run that died after its last checkpoint has metrics past it; resume rewrites them identically."""
+    args = ("--steps", "10", "--save-every", "4", "--eval-every", "5")
+    assert _train(tmp_path / "full", corpus_files, *args) == 0
+    assert _train(tmp_path / "crash", corpus_files, *args, "--stop-after", "6") == 0
+    # simulate a crash at step 6: the step-6 checkpoint is lost, the metrics up to 6 remain
+    import shutil
+    shutil.rmtree(checkpoint_dirs(tmp_path / "crash")[-1])
+    assert run_cli("train", "--resume", str(tmp_path / "crash"), "--no-progress") == 0
+    _same_metrics(read_metrics(tmp_path / "full" / "metrics.jsonl"),
+                  read_metrics(tmp_path / "crash" / "metrics.jsonl"))
+
+
+def test_eval_command(tmp_path, corpus_files, capsys):
+    out = tmp_path / "run"
+    assert _train(out, corpus_files, "--steps", "5") == 0
+    capsys.readouterr()
+    assert run_cli("eval", str(out), "--data", str(corpus_files[1]), "--json") == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["loss"] > 0 and res["perplexity"] == pytest.approx(__import__("math").exp(res["loss"]))
+    assert 0 < res["bits_per_byte"] < res["loss"] * 1.5 and res["bytes"] > res["tokens"]
+    assert run_cli("eval", str(out), "--data", str(corpus_files[1])) == 0
+    assert "bits per byte" in capsys.readouterr().out
+
+
+def test_default_corpus_and_config_file(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("steps: 3\nbatch_size: 2\nlr: 0.002\n")
+    out = tmp_path / "d"
+    assert run_cli("train", "--config", str(cfg), "--out", str(out), *TINY) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["steps"] == 3 and saved["lr"] == 0.002 and saved["batch_size"] == 4  # flag beats file
+    assert saved["data"] == []  # the built-in corpus
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--n-embd", "30", "--n-head", "4"), "not divisible"),
+    (("--lr", "-0.1"), "--lr must be a positive number"),
+    (("--data", "/nonexistent/x.txt"), "does not exist"),
+    (("--seq-len", "100000"), "fewer than one sequence"),
+    (("--stages", "1,2"), "growth method"),
+    (("--method", "apollo", "--n-layer", "4", "--stages", "1,2,3"), "target depth"),
+    (("--method", "apollo", "--grow-at", "0.5,0.4,0.9"), "increase"),
+    (("--method", "progressive", "--stages", "1,2", "--n-layer", "2", "--grow-at", "20s", "--steps", "10"),
+     "inside the budget"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, capsys, extra, needle):
+    out = tmp_path / "bad"
+    assert run_cli("train", "--out", str(out), *TINY, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
+    assert not out.exists()  # nothing half-written
+
+
+def test_existing_run_and_foreign_checkpoint(tmp_path, corpus_files, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train(a, corpus_files, "--steps", "2") == 0
+    assert _train(a, corpus_files, "--steps", "2") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert _train(b, corpus_files, "--steps", "2", "--n-embd", "64") == 0
+    # put b's checkpoint into a: a checkpoint of a different model
+    import shutil
+    shutil.rmtree(checkpoint_dirs(a)[-1])
+    shutil.copytree(checkpoint_dirs(b)[-1], a / "checkpoints" / "step_00000002")
+    capsys.readouterr()
+    assert run_cli("train", "--resume", str(a)) == 2
+    assert "different model" in capsys.readouterr().err
+    assert run_cli("train", "--resume", str(a), "--lr", "1") == 2
+    assert "cannot change: --lr" in capsys.readouterr().err
+    (checkpoint_dirs(b)[-1] / "model.safetensors").write_bytes(b"garbage")
+    assert run_cli("eval", str(b), "--data", str(corpus_files[1])) == 2
+    assert "damaged" in capsys.readouterr().err
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "apollo_lm", "train", "--data", str(tmp_path / "none.jsonl"),
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: data file")
