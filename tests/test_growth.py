@@ -1,0 +1,189 @@
+"""Growth: layer maps, depth samplers against method.md, expansion of weights and AdamW state, and the
+growth methods in the training loop (FLOPs of sampled depths, growth points, exact resume across them)."""
+
+import numpy as np
+import pytest
+import torch
+
+from apollo_lm.config import ModelConfig
+from apollo_lm.growth.expand import expand_state
+from apollo_lm.growth.maps import interpolate_map, layer_map, stack_map
+from apollo_lm.growth.samplers import DepthSampler, rng_from_state, rng_state
+from apollo_lm.growth.schedule import StageSchedule
+from apollo_lm.models import build_model
+from apollo_lm.train.checkpoint import checkpoint_dirs, model_state, read_checkpoint
+from apollo_lm.train.flops import train_step_flops
+from apollo_lm.train.metrics import read_metrics
+from apollo_lm.train.optim import build_optimizer, named_optimizer_state
+
+from .conftest import TINY, run_cli
+from .test_train import _same_metrics
+
+# method.md: LVPS, L = 12, 200,000 draws of the authors' sampler
+LVPS_TABLE = {
+    1: [.735, .105, .052, .032, .022, .016, .011, .009, .007, .006, .005, .002],
+    3: [.637, .104, .070, .050, .037, .029, .023, .019, .016, .016],
+    6: [.649, .085, .067, .054, .043, .036, .065],
+}
+
+
+def test_maps_are_exactly_as_stated():
+    assert interpolate_map(3, 12) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert stack_map(3, 12) == [0, 1, 2] * 4
+    assert interpolate_map(3, 7) == [0, 0, 0, 1, 1, 2, 2]  # D not a multiple of n
+    assert stack_map(3, 7) == [0, 1, 2, 0, 1, 2, 0]
+    assert interpolate_map(5, 12) == [t * 5 // 12 for t in range(12)]
+    assert interpolate_map(4, 4) == stack_map(4, 4) == [0, 1, 2, 3]
+    for n, D in [(1, 5), (2, 9), (6, 12), (5, 11)]:
+        for kind in ("interpolate", "stack"):
+            g = layer_map(kind, n, D)
+            assert len(g) == D and set(g) == set(range(n))  # every block is used
+    with pytest.raises(ValueError):
+        interpolate_map(4, 3)
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_lvps_matches_the_published_table(n):
+    dist = DepthSampler("lvps", 12).distribution(n, draws=100_000, seed=1)
+    observed = np.array(list(dist.values()))
+    expected = np.array(LVPS_TABLE[n])
+    assert list(dist) == list(range(n, 13))
+    tv = 0.5 * np.abs(observed - expected / expected.sum()).sum()
+    assert tv < 0.015, (observed.round(3), expected)
+
+
+def test_other_samplers():
+    es = DepthSampler("es", 12).distribution(3, draws=50_000, seed=2)
+    assert abs(es[3] - 0.43) < 0.02 and abs(es[12] - 0.39) < 0.02
+    us = DepthSampler("us", 12).distribution(3, draws=50_000, seed=3)
+    assert max(abs(p - 0.1) for p in us.values()) < 0.01
+    rng = np.random.default_rng(0)
+    assert {DepthSampler("fs", 12).sample(3, rng) for _ in range(50)} == {12}
+    assert {DepthSampler("none", 12).sample(3, rng) for _ in range(50)} == {3}
+    assert {DepthSampler("lvps", 12).sample(12, rng) for _ in range(50)} == {12}  # last stage: plain model
+    # the constants are options: a larger low end shifts mass to deeper draws
+    assert DepthSampler("lvps", 12, low=2.0).mean_depth(3) > DepthSampler("lvps", 12).mean_depth(3)
+
+
+def test_sampler_state_round_trip():
+    s = DepthSampler("lvps", 12)
+    rng = np.random.default_rng(5)
+    [s.sample(1, rng) for _ in range(10)]
+    saved = rng_state(rng)
+    a = [s.sample(3, rng) for _ in range(50)]
+    b = [s.sample(3, rng_from_state(saved)) for _ in range(1)]
+    restored = rng_from_state(saved)
+    assert [s.sample(3, restored) for _ in range(50)] == a and b[0] == a[0]
+
+
+def test_stage_schedule():
+    s = StageSchedule((1, 3, 6, 12), (20, 40, 100))
+    assert [s.blocks_at(p) for p in (0, 19, 20, 39, 40, 99, 100, 399)] == [1, 1, 3, 3, 6, 6, 12, 12]
+    with pytest.raises(ValueError):
+        StageSchedule((1, 3), (0,))
+
+
+def _tiny_model(n_blocks):
+    cfg = ModelConfig(family="gpt", n_layer=12, n_embd=16, n_head=2, vocab_size=50, block_size=8)
+    return build_model(cfg, n_blocks)
+
+
+@pytest.mark.parametrize("kind, src", [("interpolate", [0, 0, 1, 1, 2, 2]), ("stack", [0, 1, 2, 0, 1, 2])])
+@pytest.mark.parametrize("policy", ["copy", "reset"])
+def test_expansion_copies_weights_and_optimizer_state(kind, src, policy):
+    torch.manual_seed(0)
+    m = _tiny_model(3)
+    opt = build_optimizer(m, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    for _ in range(2):
+        m(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)))[1].backward()
+        opt.step()
+        opt.zero_grad()
+    w = expand_state(model_state(m), 3, 6, kind)
+    o = expand_state(named_optimizer_state(opt, m), 3, 6, kind, copy_blocks=policy == "copy")
+    for j, i in enumerate(src):
+        for key, value in m.blocks[i].state_dict().items():
+            assert torch.equal(w[f"blocks.{j}.{key}"], value)
+            if policy == "copy":
+                st = o[f"blocks.{j}.{key}"]
+                assert torch.equal(st["exp_avg"], opt.state[dict(m.named_parameters())[f"blocks.{i}.{key}"]]
+                                   ["exp_avg"]) and float(st["step"]) == 2
+            else:
+                assert f"blocks.{j}.{key}" not in o
+    assert torch.equal(w["wte.weight"], m.wte.weight) and float(o["wte.weight"]["step"]) == 2
+    assert w["blocks.0.ln_1.weight"].data_ptr() != w["blocks.1.ln_1.weight"].data_ptr()  # copies, not aliases
+
+
+def _growth_run(tmp_path, corpus_files, name, *extra):
+    train, valid = corpus_files
+    out = tmp_path / name
+    code = run_cli("train", "--data", str(train), "--valid", str(valid), "--out", str(out), *TINY, "--n-layer", "6",
+                   "--steps", "24", "--eval-every", "4", "--save-every", "5", *extra)
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("method", ["apollo", "progressive", "stack"])
+def test_growth_methods_in_the_loop(tmp_path, corpus_files, method):
+    out = _growth_run(tmp_path, corpus_files, method, "--method", method, "--stages", "1,3,6" if method != "stack"
+                      else "3,6", "--grow-at", "0.25,0.5" if method != "stack" else "0.5")
+    rows = read_metrics(out / "metrics.jsonl")
+    blocks = [r["n_blocks"] for r in rows]
+    if method == "stack":
+        assert blocks == [3] * 12 + [6] * 12
+    else:
+        assert blocks == [1] * 6 + [3] * 6 + [6] * 12  # growth at steps 6 and 12 of 24
+    depths = [r["depth"] for r in rows]
+    assert all(r["n_blocks"] <= r["depth"] <= 6 for r in rows)
+    if method == "apollo":
+        assert any(d > b for d, b in zip(depths, blocks))  # some steps ran deeper than the physical blocks
+    else:
+        assert depths == blocks
+    # logged FLOPs are the sum over the depths actually run
+    ck = read_checkpoint(checkpoint_dirs(out)[-1])
+    mc = ModelConfig.from_dict(ck["model_config"])
+    ref = build_model(mc, 1)
+    total = sum(train_step_flops(ref, d, 32, 4 * 32) for d in depths)
+    assert rows[-1]["flops"] == pytest.approx(total, rel=1e-12)
+    # evaluation at the target depth, and at the physical depth while they differ
+    assert all("val_loss_physical" in r for r in rows if "val_loss" in r and r["n_blocks"] < 6)
+    assert all("val_loss_physical" not in r for r in rows if r["n_blocks"] == 6)
+    # after the last stage: a plain 6-layer model
+    assert ck["model_config"]["n_blocks"] == 6 and "blocks.5.attn.c_attn.weight" in ck["weights"]
+
+
+def test_interpolation_growth_preserves_the_target_depth_function(tmp_path, corpus_files):
+    """With n | n' the map at depth L before growth equals the map after it: the delivered model is unchanged."""
+    torch.manual_seed(0)
+    m = _tiny_model(3).eval()
+    x = torch.randint(0, 50, (2, 8))
+    before = m(x, layer_map=interpolate_map(3, 12))[0]
+    grown = _tiny_model(6).eval()
+    grown.load_state_dict(expand_state(m.state_dict(), 3, 6, "interpolate"))
+    torch.testing.assert_close(grown(x, layer_map=interpolate_map(6, 12))[0], before)
+
+
+@pytest.mark.parametrize("stop", ["5", "6", "13"])  # mid-stage, at a growth boundary, in the last stage
+def test_resume_across_growth_equals_uninterrupted(tmp_path, corpus_files, stop):
+    args = ("--method", "apollo", "--stages", "1,3,6", "--grow-at", "0.25,0.5")
+    full = _growth_run(tmp_path, corpus_files, "full", *args)
+    part = _growth_run(tmp_path, corpus_files, "part", *args, "--stop-after", stop)
+    assert run_cli("train", "--resume", str(part), "--no-progress") == 0
+    _same_metrics(read_metrics(full / "metrics.jsonl"), read_metrics(part / "metrics.jsonl"))
+
+
+def test_reset_optimizer_state_policy_runs(tmp_path, corpus_files):
+    out = _growth_run(tmp_path, corpus_files, "reset", "--method", "apollo", "--stages", "2,6", "--grow-at", "0.5",
+                      "--grow-optimizer-state", "reset")
+    ck = read_checkpoint(checkpoint_dirs(out)[-1])
+    steps = {k.split("::")[0]: float(v) for k, v in ck["optimizer"].items() if k.endswith("::step")}
+    assert steps["wte.weight"] == 24 and steps["blocks.0.attn.c_attn.weight"] == 12  # fresh at the boundary
+
+
+def test_depths_command(capsys):
+    assert run_cli("depths", "--sampler", "lvps", "--blocks", "3", "--depth", "12", "--draws", "20000", "--seed",
+                   "1", "--json") == 0
+    import json
+    dist = json.loads(capsys.readouterr().out)
+    assert list(dist) == [str(d) for d in range(3, 13)] and abs(sum(dist.values()) - 1) < 1e-9
+    assert abs(dist["3"] - 0.637) < 0.015
+    assert run_cli("depths", "--blocks", "13", "--depth", "12") == 2
