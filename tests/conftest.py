@@ -16,10 +16,13 @@ TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", 
         "--batch-size", "4", "--eval-batches", "2", "--no-progress", "--warmup", "0.1"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test session gets its own token cache so tests never see a user's cache."""
-    monkeypatch.setenv("APOLLO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """The test session gets its own token cache so tests never see a user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("APOLLO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +30,10 @@ def docs() -> list[str]:
     return default_corpus()
 
 
-@pytest.fixture
-def corpus_files(tmp_path, docs):
-    """A training JSON Lines file and a validation text file of real English prose."""
+@pytest.fixture(scope="session")
+def corpus_files(tmp_path_factory, docs):
+    """A training JSON Lines file and a validation text file of real English prose (shared: tokenized once)."""
+    tmp_path = tmp_path_factory.mktemp("corpus")
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(json.dumps({"text": d}) for d in docs[:1500]))
     valid = tmp_path / "valid.txt"

@@ -1,0 +1,128 @@
+"""Growth benchmark: scratch, stack, progressive and apollo (plus variants) on identical data, tokenizer, seed,
+batch and token budget, then ``apollo compare``.
+
+    python bench/growth.py --size cpu                   # 12 layers, 128 hidden, 2 CPU threads
+    python bench/growth.py --size gpt-small             # the paper's GPT shape, on a GPU
+    python bench/growth.py --size cpu --methods scratch progressive-late --lr 3e-3
+
+Each method runs in its own process, one after another, so their timings do not disturb each other.
+Results: bench/out/growth-<size>[-tag]/ (runs, compare.json, compare.md, plots); BENCHMARKS.md quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "en"
+
+# the shapes of the reference measurements (issue 6); budgets in tokens
+SIZES = {
+    "cpu": dict(train=["news.train.jsonl.xz"], valid=["news.valid.jsonl.xz"], args=[
+        "--model", "gpt", "--n-layer", "12", "--n-embd", "128", "--n-head", "4", "--vocab-size", "2048",
+        "--seq-len", "64", "--batch-size", "32", "--tokens", "3M", "--threads", "2", "--dtype", "fp32"]),
+    "gpt-small": dict(train=["wiki.train.jsonl.xz", "news.train.jsonl.xz"], valid=["wiki.valid.jsonl.xz",
+                                                                                   "news.valid.jsonl.xz"], args=[
+        "--model", "gpt", "--preset", "gpt-small", "--vocab-size", "8192", "--seq-len", "512", "--batch-size",
+        "64", "--tokens", "60M", "--dtype", "bf16", "--compile"]),
+    "bert-small": dict(train=["wiki.train.jsonl.xz", "news.train.jsonl.xz"], valid=["wiki.valid.jsonl.xz",
+                                                                                    "news.valid.jsonl.xz"], args=[
+        "--model", "bert", "--preset", "bert-small", "--vocab-size", "8192", "--seq-len", "128", "--batch-size",
+        "256", "--tokens", "60M", "--dtype", "bf16", "--compile"]),
+}
+
+COMMON = ["--lr", "1e-3", "--beta1", "0.9", "--beta2", "0.95", "--weight-decay", "0.1", "--warmup", "0.01",
+          "--min-lr-ratio", "0.1", "--grad-clip", "1.0", "--eval-batches", "16", "--seed", "1337", "--no-progress",
+          "--log-every", "10", "--save-every", "1000000"]
+
+METHODS = {
+    "scratch": ["--method", "scratch"],
+    "stack": ["--method", "stack"],
+    "progressive": ["--method", "progressive"],
+    "apollo": ["--method", "apollo"],
+    "progressive-late": ["--method", "progressive", "--grow-at", "0.1,0.2,0.5"],
+    "apollo-late": ["--method", "apollo", "--grow-at", "0.1,0.2,0.5"],
+    "apollo-reset": ["--method", "apollo", "--grow-optimizer-state", "reset"],
+    "apollo-us": ["--method", "apollo", "--sampler", "us"],
+    "progressive-wsd": ["--method", "progressive", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"],
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=tuple(SIZES), default="cpu")
+    p.add_argument("--methods", nargs="+", default=["scratch", "stack", "progressive", "apollo"],
+                   choices=tuple(METHODS))
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with the *.jsonl.xz splits")
+    p.add_argument("--tag", default="", help="suffix for the output folder (e.g. lr3e-3)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="default: 30 evaluations per run")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run (e.g. --lr 3e-3)")
+    a = p.parse_args()
+    size = SIZES[a.size]
+    data = Path(a.data_dir)
+    missing = [f for f in size["train"] + size["valid"] if not (data / f).exists()]
+    if missing:
+        print(f"error: {data} lacks {missing}: give --data-dir", file=sys.stderr)
+        return 2
+    out = Path(a.out or ROOT / "bench" / "out" / f"growth-{a.size}{'-' + a.tag if a.tag else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [x for x in a.extra if x != "--"]
+    base = [*COMMON, *size["args"], "--data", *[str(data / f) for f in size["train"]], "--valid",
+            *[str(data / f) for f in size["valid"]], *extra]
+    if a.eval_every is None:
+        tokens = float(size["args"][size["args"].index("--tokens") + 1].rstrip("M")) * 1e6
+        bsz = int(size["args"][size["args"].index("--batch-size") + 1])
+        seq = int(size["args"][size["args"].index("--seq-len") + 1])
+        a.eval_every = max(1, int(tokens / (bsz * seq) / 30))
+    base += ["--eval-every", str(a.eval_every)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = []
+    for name in a.methods:
+        run_dir = out / name
+        if (run_dir / "metrics.jsonl").exists() and (run_dir / "checkpoints").exists():
+            print(f"[{name}] exists, skipping (delete {run_dir} to rerun)", flush=True)
+            runs.append(run_dir)
+            continue
+        cmd = [sys.executable, "-m", "apollo_lm", "-q", "train", *base, *METHODS[name], "--out", str(run_dir)]
+        print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
+        t0 = time.time()
+        r = subprocess.run(cmd, env=env)
+        if r.returncode:
+            print(f"[{name}] failed with exit code {r.returncode}", file=sys.stderr)
+            return r.returncode
+        print(f"[{name}] {time.time() - t0:.0f} s", flush=True)
+        runs.append(run_dir)
+    if "scratch" not in a.methods:
+        print("no scratch run: nothing to compare against", file=sys.stderr)
+        return 0
+    scratch = out / "scratch"
+    others = [r for r in runs if r != scratch]
+    cmd = [sys.executable, "-m", "apollo_lm", "compare", str(scratch), *map(str, others), "--out",
+           str(out / "compare")]
+    subprocess.run(cmd, env=env, check=True)
+    meta = {"size": a.size, "methods": a.methods, "args": base, "date": time.strftime("%Y-%m-%d"),
+            "device": _device()}
+    (out / "bench.json").write_text(json.dumps(meta, indent=1))
+    return 0
+
+
+def _device() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    import platform
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

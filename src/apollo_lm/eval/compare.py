@@ -1,0 +1,189 @@
+"""``apollo compare``: how much compute and time each method saved to reach training from scratch's loss.
+
+For each method run: the FLOPs and training seconds (evaluation excluded) at which its validation loss at the
+target depth first reaches the scratch run's final validation loss, linearly interpolated between the two
+evaluations that straddle it; the savings ``1 - method / scratch`` for both; the final validation loss; and
+the loss at the scratch run's total FLOPs. A method that never reaches the target is reported as such.
+Reads only each run's ``config.json``, ``model.json``, ``data.json`` and ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..train.metrics import read_metrics
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    config: dict[str, Any]
+    model: dict[str, Any]
+    data: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r.get("val_loss") is not None]
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        if c.get("method") == "apollo":
+            return f"{self.name} (apollo, {c.get('sampler')})"
+        return f"{self.name} ({c.get('method')})"
+
+
+def load_run_metrics(path: str | os.PathLike) -> Run:
+    p = Path(path)
+    need = ["config.json", "model.json", "metrics.jsonl"]
+    missing = [n for n in need if not (p / n).is_file()]
+    if missing:
+        raise UserError(f"{p} is not a finished run directory ({', '.join(missing)} missing): give the --out of "
+                        "training runs")
+    rows = read_metrics(p / "metrics.jsonl")
+    data = json.loads((p / "data.json").read_text()) if (p / "data.json").is_file() else {}
+    run = Run(p, p.name, json.loads((p / "config.json").read_text()), json.loads((p / "model.json").read_text()),
+              data, rows)
+    if not run.evals:
+        raise UserError(f"{p} has no validation loss yet: train it at least to its first evaluation")
+    return run
+
+
+def check_comparable(scratch: Run, other: Run) -> None:
+    """Refuse runs that differ in data, tokenizer, target model or validation set."""
+    checks = [
+        ("training data", scratch.data.get("train_sources"), other.data.get("train_sources")),
+        ("validation set", (scratch.data.get("valid_sources"), scratch.data.get("valid_fraction"),
+                            scratch.config.get("eval_batches"), scratch.config.get("seq_len")),
+         (other.data.get("valid_sources"), other.data.get("valid_fraction"), other.config.get("eval_batches"),
+          other.config.get("seq_len"))),
+        ("tokenized data or tokenizer", scratch.data.get("cache_key"), other.data.get("cache_key")),
+        ("target model", {k: scratch.model.get(k) for k in ("family", "n_layer", "n_embd", "n_head", "vocab_size")},
+         {k: other.model.get(k) for k in ("family", "n_layer", "n_embd", "n_head", "vocab_size")}),
+    ]
+    for what, a, b in checks:
+        if a != b:
+            raise UserError(f"{other.path} and {scratch.path} differ in {what} ({b} vs {a}): compare runs trained "
+                            "on the same data, tokenizer, validation set and target model")
+
+
+def _crossing(evals: list[dict[str, Any]], target: float) -> tuple[float, float] | None:
+    """(FLOPs, seconds) where the validation loss first reaches ``target``, interpolated linearly."""
+    prev = None
+    for r in evals:
+        if r["val_loss"] <= target:
+            if prev is None or prev["val_loss"] == r["val_loss"]:
+                return r["flops"], r["wall"]
+            f = (prev["val_loss"] - target) / (prev["val_loss"] - r["val_loss"])
+            return (prev["flops"] + f * (r["flops"] - prev["flops"]), prev["wall"] + f * (r["wall"] - prev["wall"]))
+        prev = r
+    return None
+
+
+def _loss_at_flops(evals: list[dict[str, Any]], flops: float) -> float | None:
+    prev = None
+    for r in evals:
+        if r["flops"] >= flops:
+            if prev is None:
+                return r["val_loss"] if math.isclose(r["flops"], flops, rel_tol=1e-9) else None
+            f = (flops - prev["flops"]) / (r["flops"] - prev["flops"])
+            return prev["val_loss"] + f * (r["val_loss"] - prev["val_loss"])
+        prev = r
+    return None
+
+
+def stage_depth_histograms(run: Run) -> dict[int, dict[int, int]]:
+    """{physical blocks: {depth: steps}} for runs with a depth sampler (empty for the others)."""
+    hist: dict[int, Counter] = {}
+    for r in run.rows:
+        if "depth" in r and "n_blocks" in r:
+            hist.setdefault(r["n_blocks"], Counter())[r["depth"]] += 1
+    if run.config.get("sampler") in (None, "none"):
+        return {}
+    return {n: dict(sorted(h.items())) for n, h in sorted(hist.items())}
+
+
+def compare(scratch: Run, runs: list[Run]) -> dict[str, Any]:
+    for r in runs:
+        check_comparable(scratch, r)
+    final = scratch.evals[-1]
+    target = final["val_loss"]
+    out: dict[str, Any] = {"scratch": str(scratch.path), "target_loss": target,
+                           "scratch_flops": final["flops"], "scratch_wall": final["wall"], "methods": {}}
+    names = [r.name for r in runs]
+    for r in runs:
+        name = r.name if names.count(r.name) == 1 else str(r.path)
+        cross = _crossing(r.evals, target)
+        entry = {
+            "run": str(r.path), "method": r.config.get("method"), "sampler": r.config.get("sampler"),
+            "reached": cross is not None,
+            "flops_to_target": cross[0] if cross else None, "wall_to_target": cross[1] if cross else None,
+            "flops_saving": 1 - cross[0] / final["flops"] if cross else None,
+            "wall_saving": 1 - cross[1] / final["wall"] if cross and final["wall"] > 0 else None,
+            "final_val_loss": r.evals[-1]["val_loss"],
+            "loss_at_scratch_flops": _loss_at_flops(r.evals, final["flops"]),
+            "total_flops": r.evals[-1]["flops"], "total_wall": r.evals[-1]["wall"],
+        }
+        out["methods"][name] = entry
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "did not reach" if x is None else f"{100 * x:.1f} %"
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    lines = [f"Target: scratch run `{result['scratch']}` final validation loss **{result['target_loss']:.4f}** "
+             f"({result['scratch_flops']:.3g} FLOPs, {result['scratch_wall']:.1f} s)", "",
+             "| method | run | reached | FLOPs saving | wall-clock saving | final val loss | loss at scratch's FLOPs |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in result["methods"].items():
+        label = m["method"] + (f" ({m['sampler']})" if m["method"] == "apollo" else "")
+        las = "n/a" if m["loss_at_scratch_flops"] is None else f"{m['loss_at_scratch_flops']:.4f}"
+        lines.append(f"| {label} | {name} | {'yes' if m['reached'] else 'no'} | {_pct(m['flops_saving'])} | "
+                     f"{_pct(m['wall_saving'])} | {m['final_val_loss']:.4f} | {las} |")
+    return "\n".join(lines)
+
+
+def write_report(scratch: Run, runs: list[Run], result: dict[str, Any], out_dir: Path) -> None:
+    from .plots import plot_curves, plot_stage_depths
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "compare.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out_dir / "compare.json")
+    (out_dir / "compare.md.tmp").write_text(to_markdown(result) + "\n")
+    os.replace(out_dir / "compare.md.tmp", out_dir / "compare.md")
+    all_runs = [scratch, *runs]
+    flops = {r.label: ([e["flops"] for e in r.evals], [e["val_loss"] for e in r.evals]) for r in all_runs}
+    wall = {r.label: ([e["wall"] for e in r.evals], [e["val_loss"] for e in r.evals]) for r in all_runs}
+    target = result["target_loss"]
+    plot_curves(flops, out_dir / "loss_vs_flops.png", "training FLOPs (log scale)", target, True,
+                "Validation loss against compute")
+    plot_curves(wall, out_dir / "loss_vs_wall.png", "training wall-clock seconds (evaluation excluded)", target,
+                False, "Validation loss against time")
+    plot_stage_depths({r.name: stage_depth_histograms(r) for r in runs}, out_dir / "depths.png")
+
+
+def compare_runs(scratch_dir: str, run_dirs: list[str], out: str | None, as_json: bool = False) -> int:
+    scratch = load_run_metrics(scratch_dir)
+    runs = [load_run_metrics(d) for d in run_dirs]
+    result = compare(scratch, runs)
+    out_dir = Path(out) if out else scratch.path.parent / "compare"
+    write_report(scratch, runs, result, out_dir)
+    if as_json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(to_markdown(result))
+        print(f"\nwritten: {out_dir}/compare.json, compare.md, loss_vs_flops.png, loss_vs_wall.png"
+              + (", depths.png" if (out_dir / "depths.png").exists() else ""))
+    return 0

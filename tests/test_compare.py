@@ -1,0 +1,77 @@
+"""apollo compare: crossing points interpolated between evaluations, savings, refusals, report files."""
+
+import json
+
+import pytest
+
+from apollo_lm.errors import UserError
+from apollo_lm.eval.compare import _crossing, _loss_at_flops, compare, load_run_metrics
+
+from .conftest import TINY, run_cli
+
+
+def _fake_run(path, method, evals, **model):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"method": method, "sampler": "lvps", "eval_batches": 4,
+                                                  "seq_len": 32}))
+    (path / "model.json").write_text(json.dumps({"family": "gpt", "n_layer": 4, "n_embd": 32, "n_head": 2,
+                                                 "vocab_size": 300, **model}))
+    (path / "data.json").write_text(json.dumps({"train_sources": ["t"], "valid_sources": ["v"],
+                                                "cache_key": "k"}))
+    rows = [{"step": i + 1, "flops": f, "wall": w, "val_loss": v, "depth": 1, "n_blocks": 1}
+            for i, (f, w, v) in enumerate(evals)]
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return load_run_metrics(path)
+
+
+def test_crossing_and_savings(tmp_path):
+    scratch = _fake_run(tmp_path / "s", "scratch", [(100, 10, 5.0), (200, 20, 4.0), (400, 40, 3.0)])
+    fast = _fake_run(tmp_path / "f", "progressive", [(100, 8, 4.0), (200, 16, 2.0), (300, 24, 1.9)])
+    slow = _fake_run(tmp_path / "w", "apollo", [(200, 30, 4.5), (400, 60, 3.5)])
+    res = compare(scratch, [fast, slow])
+    assert res["target_loss"] == 3.0
+    f = res["methods"]["f"]
+    # 3.0 lies halfway between (100, 4.0) and (200, 2.0): 150 FLOPs, 12 s
+    assert f["reached"] and f["flops_to_target"] == pytest.approx(150) and f["wall_to_target"] == pytest.approx(12)
+    assert f["flops_saving"] == pytest.approx(1 - 150 / 400) and f["wall_saving"] == pytest.approx(1 - 12 / 40)
+    assert f["loss_at_scratch_flops"] is None  # it stopped before the scratch run's total FLOPs
+    w = res["methods"]["w"]
+    assert not w["reached"] and w["flops_saving"] is None and w["loss_at_scratch_flops"] == 3.5
+    assert _crossing([{"flops": 1, "wall": 1, "val_loss": 1.0}], 2.0) == (1, 1)
+    assert _loss_at_flops([{"flops": 10, "val_loss": 2.0}, {"flops": 20, "val_loss": 1.0}], 15) == 1.5
+
+
+def test_refuses_incomparable_runs(tmp_path):
+    scratch = _fake_run(tmp_path / "s", "scratch", [(100, 10, 5.0)])
+    other = _fake_run(tmp_path / "o", "apollo", [(100, 10, 5.0)], n_embd=64)
+    with pytest.raises(UserError, match="differ in target model"):
+        compare(scratch, [other])
+    with pytest.raises(UserError, match="not a finished run"):
+        load_run_metrics(tmp_path / "missing")
+
+
+def test_compare_end_to_end(tmp_path, corpus_files, capsys):
+    train, valid = corpus_files
+    common = ("--data", str(train), "--valid", str(valid), *TINY, "--n-layer", "4", "--steps", "16",
+              "--eval-every", "4")
+    assert run_cli("train", *common, "--out", str(tmp_path / "scratch")) == 0
+    assert run_cli("train", *common, "--out", str(tmp_path / "apollo"), "--method", "apollo") == 0
+    capsys.readouterr()
+    assert run_cli("compare", str(tmp_path / "scratch"), str(tmp_path / "apollo"), "--out",
+                   str(tmp_path / "cmp")) == 0
+    table = capsys.readouterr().out
+    assert "| apollo (lvps) | apollo |" in table
+    res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert set(res) >= {"scratch", "target_loss", "methods"}
+    m = res["methods"]["apollo"]
+    assert set(m) >= {"run", "reached", "flops_saving", "wall_saving", "final_val_loss"}
+    for png in ("loss_vs_flops.png", "loss_vs_wall.png", "depths.png"):
+        assert (tmp_path / "cmp" / png).stat().st_size > 1000
+    # a run on other data is refused with a clear message
+    assert run_cli("train", *common, "--out", str(tmp_path / "other"), "--valid-fraction", "0.1") == 0
+    capsys.readouterr()
+    other = ("--data", str(valid), *TINY, "--n-layer", "4", "--steps", "2", "--out", str(tmp_path / "o2"))
+    assert run_cli("train", *other, "--valid-fraction", "0.2") == 0
+    capsys.readouterr()
+    assert run_cli("compare", str(tmp_path / "scratch"), str(tmp_path / "o2")) == 2
+    assert "differ in training data" in capsys.readouterr().err
