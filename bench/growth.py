@@ -50,6 +50,8 @@ METHODS = {
     "apollo-late": ["--method", "apollo", "--grow-at", "0.1,0.2,0.5"],
     "apollo-reset": ["--method", "apollo", "--grow-optimizer-state", "reset"],
     "apollo-us": ["--method", "apollo", "--sampler", "us"],
+    "apollo-mean": ["--method", "apollo", "--shared-grad", "mean"],
+    "apollo-sample-late": ["--method", "apollo", "--sample-from", "0.5"],
     "progressive-wsd": ["--method", "progressive", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"],
 }
 

@@ -187,3 +187,27 @@ def test_depths_command(capsys):
     assert list(dist) == [str(d) for d in range(3, 13)] and abs(sum(dist.values()) - 1) < 1e-9
     assert abs(dist["3"] - 0.637) < 0.015
     assert run_cli("depths", "--blocks", "13", "--depth", "12") == 2
+
+
+def test_mean_shared_gradients_divide_by_uses():
+    from apollo_lm.train.loop import average_shared_grads
+
+    torch.manual_seed(0)
+    m = _tiny_model(2)
+    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    lmap = [0, 0, 0, 1]
+    m(x, y, layer_map=lmap)[1].backward()
+    summed = {n: p.grad.clone() for n, p in m.named_parameters()}
+    average_shared_grads(m, lmap)
+    for n, p in m.named_parameters():
+        k = 3 if n.startswith("blocks.0.") else 1
+        torch.testing.assert_close(p.grad, summed[n] / k)
+
+
+def test_sample_from_keeps_early_stage_at_physical_depth(tmp_path, corpus_files):
+    out = _growth_run(tmp_path, corpus_files, "late", "--method", "apollo", "--stages", "2,6", "--grow-at", "0.5",
+                      "--sample-from", "0.5", "--sampler", "fs", "--shared-grad", "mean")
+    rows = read_metrics(out / "metrics.jsonl")
+    # stage 1 spans steps 1-12: the first half runs 2 blocks, the second half the full depth (fs sampler)
+    assert [r["depth"] for r in rows[:12]] == [2] * 6 + [6] * 6
+    assert StageSchedule((2, 6), (12,)).fraction_of_stage(6, 24) == 0.5

@@ -88,7 +88,46 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output directory for compare.json, compare.md and plots "
                    "(default: compare/ next to the scratch run)")
     c.add_argument("--json", action="store_true", help="print compare.json instead of the table")
+    _add_ecosystem_parsers(sub)
     return p
+
+
+def _add_ecosystem_parsers(sub: Any) -> None:
+    """export / generate / glue: how a trained model leaves apollo and is judged."""
+    x = sub.add_parser("export", help="write a run's model as a Hugging Face transformers model directory",
+                       description="Write the latest checkpoint as a transformers model (GPT2LMHeadModel, "
+                       "BertForMaskedLM or LlamaForCausalLM) with its tokenizer, loadable by from_pretrained. "
+                       "A run still growing is exported at its target depth through its layer map.")
+    x.add_argument("run", help="run directory")
+    x.add_argument("--to", required=True, metavar="OUT_DIR", help="output directory (must not exist or be empty)")
+
+    g = sub.add_parser("generate", help="sample text from a trained causal model (gpt, llama)")
+    g.add_argument("run", help="run directory")
+    g.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of probability p")
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--device", default="auto")
+
+    u = sub.add_parser("glue", help="fine-tune a trained model on GLUE tasks and report the dev-set metrics",
+                       description="Fine-tune on GLUE TSV files laid out as GLUE's download script writes them: "
+                       "DATA_DIR/{CoLA,SST-2,MRPC,RTE,STS-B}/{train,dev}.tsv.")
+    u.add_argument("run", help="run directory")
+    u.add_argument("--task", required=True, help="SST-2, CoLA, MRPC, RTE, STS-B, or all")
+    u.add_argument("--data-dir", default=None, help="GLUE data directory (default $APOLLO_GLUE_DIR or ./glue_data)")
+    u.add_argument("--epochs", type=float, default=3.0)
+    u.add_argument("--lr", type=float, default=2e-5)
+    u.add_argument("--batch-size", type=int, default=32)
+    u.add_argument("--max-len", type=int, default=128, help="tokens per example (capped by the model's positions)")
+    u.add_argument("--max-train", type=int, default=None, help="use at most N training examples")
+    u.add_argument("--max-eval", type=int, default=None, help="score at most N dev examples")
+    u.add_argument("--dropout", type=float, default=0.1, help="dropout while fine-tuning (BERT's 0.1)")
+    u.add_argument("--seed", type=int, default=42)
+    u.add_argument("--device", default="auto")
+    u.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -176,12 +215,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return compare_runs(args.scratch, args.runs, args.out, as_json=args.json)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .interop.hf import export_run
+
+    result = export_run(args.run, args.to)
+    print(f"{result.architecture} (step {result.step}) written to {result.out_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .eval.generate import generate_from_run
+
+    for text in generate_from_run(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                  args.top_p, args.num_samples, args.seed, args.device):
+        print(text)
+    return 0
+
+
+def cmd_glue(args: argparse.Namespace) -> int:
+    from .eval.glue import format_results, run_glue
+
+    results = run_glue(args.run, args.task, data_dir=args.data_dir, epochs=args.epochs, lr=args.lr,
+                       batch_size=args.batch_size, max_len=args.max_len, max_train=args.max_train,
+                       max_eval=args.max_eval, dropout=args.dropout, seed=args.seed, device=args.device)
+    print(json.dumps(results) if args.json else format_results(results))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     handlers = {"train": cmd_train, "eval": cmd_eval, "depths": cmd_depths, "compare": cmd_compare}
+    handlers |= {"export": cmd_export, "generate": cmd_generate, "glue": cmd_glue}
     try:
         return handlers[args.command](args)
     except UserError as e:

@@ -144,6 +144,11 @@ class RunConfig:
                                  group="growth")
     grow_optimizer_state: str = _opt("AdamW moments of grown blocks: copy from the source block, or reset",
                                      default="copy", choices=("copy", "reset"), group="growth")
+    shared_grad: str = _opt("how gradients of a block run at several depths in one step combine: sum (autograd, "
+                            "the paper) or mean (divided by the block's number of uses)", default="sum",
+                            choices=("sum", "mean"), group="growth")
+    sample_from: float = _opt("sample depths only after this fraction of each stage (0: the whole stage, as in "
+                              "the paper); before it the stage runs its physical depth", default=0.0, group="growth")
     lvps_low: float = _opt("LVPS curve value at x=1 (release constant 0.6)", default=0.6, group="growth")
     lvps_high: float = _opt("LVPS offset added to L/n at x=x_min (release constant 0.4)", default=0.4,
                             group="growth")
@@ -241,6 +246,10 @@ class RunConfig:
             raise UserError(f"unknown --sampler {c.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if c.layer_map is not None and c.layer_map not in LAYER_MAPS:
             raise UserError(f"unknown --layer-map {c.layer_map!r}: choose one of {', '.join(LAYER_MAPS)}")
+        if not (0 <= c.sample_from < 1):
+            raise UserError(f"--sample-from must be in [0, 1), got {c.sample_from}")
+        if c.shared_grad not in ("sum", "mean"):
+            raise UserError(f"--shared-grad must be sum or mean, got {c.shared_grad!r}")
         if not (0 < c.lvps_low and 0 <= c.lvps_high):
             raise UserError("--lvps-low must be > 0 and --lvps-high >= 0")
         if c.method == "scratch" and (c.stages or c.grow_at):

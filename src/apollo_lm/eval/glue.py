@@ -311,7 +311,7 @@ def finetune_task(run: Any, task: Task, data_dir: str | os.PathLike, epochs: flo
             torch.nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
     out = predict(clf, dev_data, batch_size, dev_device, amp)
     pred = out[:, 0] if regression else out.argmax(-1).astype(np.float64)

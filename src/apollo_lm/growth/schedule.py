@@ -38,5 +38,12 @@ class StageSchedule:
         """Index of the stage in force for a step that begins at ``position`` (step index or FLOPs so far)."""
         return sum(1 for s in self.starts if position >= s)
 
+    def fraction_of_stage(self, position: float, end: float) -> float:
+        """How far into its stage ``position`` lies, in [0, 1) (``end``: the end of the budget)."""
+        s = self.stage_at(position)
+        lo = self.starts[s - 1] if s > 0 else 0.0
+        hi = self.starts[s] if s < len(self.starts) else end
+        return (position - lo) / max(hi - lo, 1e-12)
+
     def blocks_at(self, position: float) -> int:
         return self.stages[self.stage_at(position)]

@@ -17,8 +17,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import ModelConfig
 
@@ -80,7 +80,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         hs = self.head_size
         q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
@@ -157,7 +157,7 @@ class Llama(nn.Module):
         return Block(self.config)
 
     def hidden(self, idx: torch.Tensor, layer_map: Sequence[int] | None = None) -> torch.Tensor:
-        B, T = idx.shape
+        T = idx.shape[1]
         x = self.drop(self.wte(idx))  # (B, T, C)
         cos, sin = rotary_tables(T, self.config.n_embd // self.config.n_head, self.config.rope_theta, idx.device,
                                  x.dtype)

@@ -309,7 +309,11 @@ class Trainer:
         if stage != st.stage or self.schedule.stages[stage] != st.n_blocks:
             self._grow(stage)
         n = st.n_blocks
-        depth = self.sampler.sample(n, self.sampler_rng)
+        if cfg.sample_from > 0 and self.schedule.fraction_of_stage(self.position(), self.budget_total) < \
+                cfg.sample_from:
+            depth = n  # early in the stage: the physical depth only (no draw, so the stream is not consumed)
+        else:
+            depth = self.sampler.sample(n, self.sampler_rng)
         lmap = None if depth == n and cfg.layer_map == "interpolate" else layer_map(cfg.layer_map, n, depth)
         step_flops = train_step_flops(self.model, depth, cfg.seq_len, self.tokens_per_step)
         if self.budget_unit == "steps":
@@ -326,6 +330,8 @@ class Trainer:
                 _, loss = self.model(batch.x, batch.y, layer_map=lmap)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
+        if lmap is not None and cfg.shared_grad == "mean" and depth > n:
+            average_shared_grads(self.model, lmap)
         grad_norm = None
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -347,6 +353,19 @@ class Trainer:
         if self.peak:
             record["mfu"] = step_flops / dt / self.peak
         return record
+
+
+def average_shared_grads(model: nn.Module, lmap: list[int]) -> None:
+    """Divide each block's gradient by its number of uses in the step: the mean over the layers it ran as,
+    instead of autograd's sum (which grows with the depth drawn)."""
+    uses: dict[int, int] = {}
+    for i in lmap:
+        uses[i] = uses.get(i, 0) + 1
+    for i, k in uses.items():
+        if k > 1:
+            for p in model.blocks[i].parameters():
+                if p.grad is not None:
+                    p.grad.div_(k)
 
 
 def start_run(cfg: RunConfig, run_dir: Path) -> Trainer:
