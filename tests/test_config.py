@@ -76,3 +76,35 @@ def test_config_files_toml_yaml_and_errors(tmp_path):
     bad.write_text("model = = 1")
     with pytest.raises(UserError, match="could not be parsed"):
         load_config_file(str(bad))
+
+
+def test_lr_schedules():
+    from apollo_lm.train.optim import lr_at
+
+    peak = 1e-3
+    assert lr_at(0.005, peak, 0.01, 0.1) == pytest.approx(peak / 2)  # half-way through warmup
+    assert lr_at(0.01, peak, 0.01, 0.1) == pytest.approx(peak)
+    assert lr_at(1.0, peak, 0.01, 0.1) == pytest.approx(1e-4)  # cosine ends at 10 % of the peak
+    mid = lr_at(0.505, peak, 0.01, 0.1)
+    assert mid == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    # warmup-stable-decay: flat until the last 20 %, then linear to the floor
+    assert lr_at(0.5, peak, 0.01, 0.1, "wsd", 0.2) == peak
+    assert lr_at(0.9, peak, 0.01, 0.1, "wsd", 0.2) == pytest.approx(peak - 0.9e-3 * 0.5)
+    assert lr_at(1.0, peak, 0.01, 0.1, "wsd", 0.2) == pytest.approx(1e-4)
+
+
+def test_hf_dataset_without_the_datasets_package(monkeypatch):
+    import builtins
+
+    from apollo_lm.data.readers import iter_documents
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *a, **k):
+        if name == "datasets":
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(UserError, match=r"pip install 'apollo-lm\[hf\]'"):
+        list(iter_documents(["hf:wikitext:wikitext-2-raw-v1@train"]))

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apollo_lm.eval.glue import TASKS, encode, f1, matthews, pearson, read_split, spearman
 from apollo_lm.eval.evaluate import load_run
+from apollo_lm.eval.glue import TASKS, encode, f1, matthews, pearson, read_split, spearman
 
 from .conftest import TINY, run_cli
 

@@ -132,3 +132,41 @@ def test_cli_errors_have_no_traceback(tmp_path):
                         "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: data file")
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, corpus_files, caplog):
+    """A NaN loss skips the update; K in a row stop the run naming the step, the last checkpoint stays."""
+    import torch
+
+    from apollo_lm.config import RunConfig
+    from apollo_lm.errors import UserError
+    from apollo_lm.train.loop import start_run
+
+    train, valid = corpus_files
+    cfg = RunConfig(data=[str(train)], valid=[str(valid)], n_layer=2, n_embd=32, n_head=2, seq_len=32,
+                    vocab_size=300, batch_size=4, eval_batches=1, progress=False, steps=12, save_every=3,
+                    max_bad_steps=3).resolved()
+    trainer = start_run(cfg, tmp_path / "nan")
+    forward = trainer.model.forward
+    poisoned = {5, 8, 9, 10}  # optimizer steps (1-based) whose loss is NaN
+
+    def maybe_nan(*a, **k):
+        logits, loss = forward(*a, **k)
+        return logits, loss * float("nan") if trainer.state.step + 1 in poisoned else loss
+
+    trainer.model.forward = maybe_nan
+    with pytest.raises(UserError, match=r"3 steps in a row up to step 10 .*step_00000009"):
+        trainer.train()
+    rows = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r.get("skipped")] == [5, 8, 9]
+    before = {n: p.clone() for n, p in trainer.model.named_parameters()}
+    assert all(torch.isfinite(p).all() for p in before.values())  # no NaN reached the weights
+    assert [p.name for p in checkpoint_dirs(tmp_path / "nan")] == ["step_00000006", "step_00000009"]
+
+
+def test_grad_accumulation_and_token_budget(tmp_path, corpus_files):
+    out = tmp_path / "acc"
+    assert _train(out, corpus_files, "--tokens", "1k", "--grad-accum", "2") == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    # 1000 tokens at 2 x 4 x 32 = 256 tokens per step: 4 steps
+    assert [r["tokens"] for r in rows] == [256, 512, 768, 1024]

@@ -125,6 +125,8 @@ class RunConfig:
     beta1: float = _opt("AdamW beta1", default=0.9, group="optim")
     beta2: float = _opt("AdamW beta2", default=0.95, group="optim")
     grad_clip: float = _opt("clip the gradient norm to this (0: off)", default=1.0, group="optim")
+    max_bad_steps: int = _opt("stop after this many consecutive steps with a non-finite loss or gradient (each "
+                              "is skipped)", default=5, group="optim")
     # --- evaluation, logging, checkpoints
     eval_every: int = _opt("evaluate every N steps (and at the end)", default=100, group="eval")
     eval_batches: int = _opt("fixed validation batches per evaluation", default=16, group="eval")
@@ -209,7 +211,7 @@ class RunConfig:
         if c.method not in METHODS:
             raise UserError(f"unknown --method {c.method!r}: choose one of {', '.join(METHODS)}")
         for name in ("n_layer", "n_embd", "n_head", "seq_len", "batch_size", "grad_accum", "eval_every",
-                     "eval_batches", "log_every", "save_every", "keep_checkpoints"):
+                     "eval_batches", "log_every", "save_every", "keep_checkpoints", "max_bad_steps"):
             v = getattr(c, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise UserError(f"--{_flag(name)} must be a positive integer, got {v!r}")

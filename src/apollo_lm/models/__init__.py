@@ -17,4 +17,4 @@ def build_model(cfg: ModelConfig, n_blocks: int | None = None) -> nn.Module:
     return FAMILIES[cfg.family](cfg, n_blocks=n_blocks)
 
 
-__all__ = ["BERT", "GPT", "Llama", "FAMILIES", "build_model"]
+__all__ = ["BERT", "FAMILIES", "GPT", "Llama", "build_model"]

@@ -55,6 +55,7 @@ class TrainState:
     stage: int = 0
     sampler_rng: dict = field(default_factory=dict)
     last_val_loss: float | None = None
+    bad_steps: int = 0  # consecutive steps with a non-finite loss or gradient
 
 
 def model_config_for(cfg: RunConfig, vocab_size: int) -> ModelConfig:
@@ -332,12 +333,23 @@ class Trainer:
             loss_sum += loss.detach()
         if lmap is not None and cfg.shared_grad == "mean" and depth > n:
             average_shared_grads(self.model, lmap)
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        train_loss = float(loss_sum) / cfg.grad_accum  # synchronises the device
+        skipped = not (math.isfinite(train_loss) and math.isfinite(float(grad_norm)))
+        if skipped:  # a non-finite loss or gradient: no update, the step's data is consumed as usual
+            st.bad_steps += 1
+            log.warning("step %d: non-finite %s; update skipped (%d in a row)", st.step + 1,
+                        "loss" if not math.isfinite(train_loss) else "gradient", st.bad_steps)
+            if st.bad_steps >= cfg.max_bad_steps:
+                last = latest_checkpoint(self.run_dir)
+                raise UserError(f"training diverged: {st.bad_steps} steps in a row up to step {st.step + 1} had a "
+                                f"non-finite loss or gradient; the last good checkpoint is {last}; try a lower --lr, "
+                                "more --warmup, or --dtype fp32")
+        else:
+            st.bad_steps = 0
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        train_loss = float(loss_sum) / cfg.grad_accum  # synchronises the device before the clock is read
         dt = time.perf_counter() - t0
         st.step += 1
         st.tokens += self.tokens_per_step
@@ -348,8 +360,9 @@ class Trainer:
             "depth": depth, "n_blocks": n, "stage": st.stage, "tokens_per_s": self.tokens_per_step / dt,
             "wall": round(st.wall, 4),
         }
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+        record["grad_norm"] = float(grad_norm)
+        if skipped:
+            record["skipped"] = True
         if self.peak:
             record["mfu"] = step_flops / dt / self.peak
         return record
