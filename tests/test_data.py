@@ -1,7 +1,6 @@
 """Data: readers for every format, tokenizer training and loading, cached token files, batches, masking."""
 
 import gzip
-import json
 import lzma
 
 import numpy as np
