@@ -69,7 +69,8 @@ def test_encoding_bert_pairs_and_causal_last_token(runs):
     ids = enc["input_ids"]
     cls, sep = bert.tokenizer.token_to_id("[CLS]"), bert.tokenizer.token_to_id("[SEP]")
     assert ids.shape[1] == 10 and ids[0, 0] == cls and (ids[0] == sep).sum() == 2  # truncated longest first
-    assert enc["token_type_ids"][0].tolist().count(1) == int((ids[0] == sep).nonzero()[1] - (ids[0] == sep).nonzero()[0])
+    first_sep, second_sep = (ids[0] == sep).nonzero()[:, 0].tolist()
+    assert enc["token_type_ids"][0].tolist().count(1) == second_sep - first_sep  # segment B: b and its [SEP]
     assert enc["attention_mask"][1].sum() < 10 and ids[1, enc["attention_mask"][1].sum() - 1] == sep
     llama = load_run(runs / "llama")
     enc = encode(llama.tokenizer, "llama", ex, 64)
