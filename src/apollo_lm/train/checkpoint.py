@@ -93,6 +93,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, weights: dict[str, to
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(run_dir)
+        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); "
+                        + (f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists")
+                        + ": free disk space or fix the permissions of the run directory, then resume with "
+                        f"`apollo train --resume {run_dir}`") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,6 +33,7 @@ from ..growth.maps import layer_map
 from ..growth.samplers import DepthSampler, rng_from_state, rng_state
 from ..growth.schedule import StageSchedule
 from ..models import build_model
+from .dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from .checkpoint import (latest_checkpoint, load_model_state, model_state, read_checkpoint, save_checkpoint,
                          write_json)
 from .flops import peak_flops, train_step_flops
@@ -64,10 +65,17 @@ def model_config_for(cfg: RunConfig, vocab_size: int) -> ModelConfig:
     return m
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None,
              lmap: list[int] | None = None) -> float:
     """Token-weighted mean loss over fixed batches."""
+    total, count = evaluate_sums(model, batches, device, amp, lmap)
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def evaluate_sums(model: nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None,
+                  lmap: list[int] | None = None) -> tuple[float, int]:
+    """(sum of token losses, scored tokens) over the batches."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -79,7 +87,7 @@ def evaluate(model: nn.Module, batches: list[Batch], device: torch.device, amp: 
         total += float(loss) * n
         count += n
     model.train(was_training)
-    return total / max(1, count)
+    return total, count
 
 
 def _autocast(device: torch.device, amp: torch.dtype | None):
@@ -97,16 +105,27 @@ class Trainer:
         self.resume = resume
         self.stop_after = stop_after
         self._stop_signal: str | None = None
+        self.dist = DistInfo()
+        self.ddp: nn.Module | None = None  # the DDP wrapper when several processes train together
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if not self.dist.is_main:
+            logging.getLogger("apollo_lm").setLevel(logging.WARNING)
         self.amp = autocast_dtype(cfg.dtype, self.device)
         tok = load_tokenizer(str(self.run_dir / "tokenizer.json")) if self.resume else None
+        if not self.dist.is_main:
+            barrier(self.dist)  # rank 0 trains the tokenizer and fills the token cache first
         self.corpus: Corpus = prepare_corpus(cfg, tokenizer=tok)
+        if self.dist.is_main:
+            barrier(self.dist)
         vocab = self.corpus.tokenizer.get_vocab_size()
         self.mcfg = model_config_for(cfg, vocab)
         self.batcher = Batcher(self.corpus.train.tokens, cfg.model, cfg.seq_len, cfg.batch_size, self.corpus.ids,
@@ -114,7 +133,7 @@ class Trainer:
         valid_batcher = Batcher(self.corpus.valid.tokens, cfg.model, cfg.seq_len, cfg.batch_size,
                                 self.corpus.ids, vocab, cfg.seed)
         self.valid_batches = valid_batcher.fixed_batches(cfg.eval_batches)
-        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world
         self._setup_budget_and_schedule()
         self.sampler = DepthSampler(cfg.sampler, self.mcfg.n_layer, cfg.lvps_low, cfg.lvps_high)
         self.state = TrainState(n_blocks=self.schedule.stages[0])
@@ -171,6 +190,9 @@ class Trainer:
             load_model_state(model, weights)
         self.model = prepare_model(model, self.device, cfg.compile)
         self.model.train()
+        if self.dist.enabled:  # rebuilt with the model after every growth step
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device)
         if opt_state:
             load_named_optimizer_state(self.optimizer, self.model, opt_state)
@@ -199,6 +221,11 @@ class Trainer:
         if mc.to_dict() | {"n_layer": 0} != self.mcfg.to_dict() | {"n_layer": 0} or mc.n_layer != self.mcfg.n_layer:
             raise UserError(f"checkpoint {path} was written for a different model ({mc}); resume it with the "
                             "config it was started with")
+        if st.get("world_size", 1) != self.dist.world:
+            raise UserError(f"checkpoint {path} was written by {st.get('world_size', 1)} processes and this run has "
+                            f"{self.dist.world}: resume with the same number of processes (torchrun "
+                            f"--nproc_per_node {st.get('world_size', 1)}), since the batches each process draws depend "
+                            "on it")
         self.state = TrainState(**{k: v for k, v in st.items() if k in TrainState.__dataclass_fields__})
         opt = unflatten_optimizer_state(ck["optimizer"]) if ck["optimizer"] is not None else None
         self._build(self.state.n_blocks, ck["weights"], opt)
@@ -218,10 +245,15 @@ class Trainer:
         st = dict(self.state.__dict__)
         st["target_depth"] = self.mcfg.n_layer
         st["layer_map"] = self.cfg.layer_map
-        return save_checkpoint(self.run_dir, self.state.step, model_state(self.model),
-                               flatten_optimizer_state(named_optimizer_state(self.optimizer, self.model)), rng, st,
-                               self.cfg.to_dict(), self.mcfg.to_dict() | {"n_blocks": self.state.n_blocks},
-                               self.cfg.keep_checkpoints)
+        st["world_size"] = self.dist.world
+        path = None
+        if self.dist.is_main:  # DDP keeps weights and optimizer state identical on every rank
+            path = save_checkpoint(self.run_dir, self.state.step, model_state(self.model),
+                                   flatten_optimizer_state(named_optimizer_state(self.optimizer, self.model)), rng,
+                                   st, self.cfg.to_dict(), self.mcfg.to_dict() | {"n_blocks": self.state.n_blocks},
+                                   self.cfg.keep_checkpoints)
+        barrier(self.dist)
+        return path or latest_checkpoint(self.run_dir)
 
     # ------------------------------------------------------------------ training
     def position(self) -> float:
@@ -234,10 +266,17 @@ class Trainer:
         n, L = self.state.n_blocks, self.mcfg.n_layer
         return None if n == L else layer_map(self.cfg.layer_map, n, L)
 
+    def _evaluate(self, lmap: list[int] | None) -> float:
+        """Each rank scores its share of the fixed validation batches; the token-weighted mean over all."""
+        mine = self.valid_batches[self.dist.rank::self.dist.world]
+        total, count = evaluate_sums(self.model, mine, self.device, self.amp, lmap)
+        total, count = all_reduce_sum(self.dist, [total, count], self.device)
+        return total / max(1.0, count)
+
     def run_evaluation(self) -> dict[str, float]:
-        out = {"val_loss": evaluate(self.model, self.valid_batches, self.device, self.amp, self.target_map())}
+        out = {"val_loss": self._evaluate(self.target_map())}
         if self.state.n_blocks < self.mcfg.n_layer:
-            out["val_loss_physical"] = evaluate(self.model, self.valid_batches, self.device, self.amp, None)
+            out["val_loss_physical"] = self._evaluate(None)
         return out
 
     def _install_signal_handlers(self):
@@ -255,10 +294,10 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
-        metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+        metrics = MetricsWriter(self.run_dir / "metrics.jsonl") if self.dist.is_main else None
         previous = self._install_signal_handlers()
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.dist.is_main:
             from tqdm.auto import tqdm
             total = int(self.budget_total) if self.budget_unit == "steps" else None
             bar = tqdm(total=total, initial=st.step, unit="step", dynamic_ncols=True, mininterval=0.5)
@@ -269,15 +308,17 @@ class Trainer:
                 record = self._train_step()
                 step = st.step
                 is_last = self.done()
-                stopping = is_last or self._stop_signal is not None or (self.stop_after is not None and
-                                                                       step >= self.stop_after)
+                signalled = self._stop_signal is not None
+                if self.dist.enabled:  # every rank stops together, whichever received the signal
+                    signalled = all_reduce_sum(self.dist, [float(signalled)], self.device)[0] > 0
+                stopping = is_last or signalled or (self.stop_after is not None and step >= self.stop_after)
                 if step % cfg.eval_every == 0 or is_last:
                     ev = self.run_evaluation()
                     record.update(ev)
                     st.last_val_loss = ev["val_loss"]
                 st.wall_total = time.perf_counter() - t_start
                 record["wall_total"] = round(st.wall_total, 4)
-                if step % cfg.log_every == 0 or "val_loss" in record or stopping:
+                if metrics is not None and (step % cfg.log_every == 0 or "val_loss" in record or stopping):
                     metrics.write(record)
                 if bar is not None:
                     post = {"loss": f"{record['train_loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
@@ -291,14 +332,15 @@ class Trainer:
                     self.save()
                 last = record
                 if stopping and not is_last:
-                    why = self._stop_signal or f"--stop-after {self.stop_after}"
+                    why = self._stop_signal or ("a signal" if signalled else f"--stop-after {self.stop_after}")
                     log.info("stopped at step %d (%s); continue with: apollo train --resume %s", step, why,
                              self.run_dir)
                     break
         finally:
             if bar is not None:
                 bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
             for sig, h in previous.items():
                 signal.signal(sig, h)
         return last
@@ -324,13 +366,22 @@ class Trainer:
         lr = lr_at(progress, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.schedule, cfg.decay)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.dist.enabled:
+            check = all_reduce_sum(self.dist, [depth, -depth], self.device)  # cheap guard: one depth stream
+            if check != [depth * self.dist.world, -depth * self.dist.world]:
+                raise RuntimeError(f"step {st.step + 1}: ranks drew different depths; the depth streams diverged")
+        net = self.ddp or self.model
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            batch = self.batcher.get(st.step, micro).to(self.device)
-            with _autocast(self.device, self.amp):
-                _, loss = self.model(batch.x, batch.y, layer_map=lmap)
-            (loss / cfg.grad_accum).backward()
+            # rank r takes micro-batch micro * world + r: disjoint across ranks, the same data as one process
+            batch = self.batcher.get(st.step, micro * self.dist.world + self.dist.rank).to(self.device)
+            sync = self.ddp is None or micro == cfg.grad_accum - 1
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), _autocast(self.device, self.amp):
+                _, loss = net(batch.x, batch.y, layer_map=lmap)
+                (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
+        if self.dist.enabled:
+            loss_sum = torch.tensor(all_reduce_sum(self.dist, [float(loss_sum)], self.device)[0] / self.dist.world)
         if lmap is not None and cfg.shared_grad == "mean" and depth > n:
             average_shared_grads(self.model, lmap)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -383,11 +434,17 @@ def average_shared_grads(model: nn.Module, lmap: list[int]) -> None:
 
 def start_run(cfg: RunConfig, run_dir: Path) -> Trainer:
     """Validate, prepare data and build everything before writing anything into ``run_dir``."""
-    if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0 and ((run_dir / "config.json").exists() or
+                                                  (run_dir / "checkpoints").exists()):
         raise UserError(f"{run_dir} already holds a run: continue it with `apollo train --resume {run_dir}`, or "
                         "choose another --out")
     trainer = Trainer(cfg, run_dir)
     trainer.setup()
+    if not trainer.dist.is_main:
+        barrier(trainer.dist)
+        return trainer
     run_dir.mkdir(parents=True, exist_ok=True)
     save_tokenizer(trainer.corpus.tokenizer, run_dir / "tokenizer.json")
     write_json(run_dir / "model.json", trainer.mcfg.to_dict())
@@ -399,6 +456,7 @@ def start_run(cfg: RunConfig, run_dir: Path) -> Trainer:
                                        "valid_tokens": int(len(trainer.corpus.valid.tokens)),
                                        "valid_fraction": None if trainer.corpus.valid_sources else
                                        cfg.valid_fraction})
+    barrier(trainer.dist)
     return trainer
 
 
