@@ -18,7 +18,9 @@ from typing import Any
 from .errors import UserError
 
 MODEL_FAMILIES = ("gpt", "bert", "llama")
-METHODS = ("scratch", "apollo", "progressive", "stack")
+METHODS = ("scratch", "apollo", "progressive", "stack", "staged", "bert2bert", "ligo")
+DEPTH_METHODS = ("apollo", "progressive", "stack")  # grow physical blocks, optionally sampling depths
+OPERATOR_METHODS = ("staged", "bert2bert", "ligo")  # grow the whole training state with growth operators
 SAMPLERS = ("lvps", "es", "us", "fs", "none")
 LAYER_MAPS = ("interpolate", "stack")
 
@@ -135,8 +137,9 @@ class RunConfig:
     keep_checkpoints: int = _opt("keep the last K checkpoints", default=2, group="eval")
     # --- growth
     method: str = _opt("training method", default="scratch", choices=METHODS, group="growth")
-    stages: str | None = _opt("physical blocks per stage, e.g. 1,3,6,12 (last = target depth); default adapts "
-                              "to the target depth", group="growth")
+    stages: str | None = _opt("apollo/progressive/stack: physical blocks per stage, e.g. 1,3,6,12 (last = "
+                              "target depth); staged: growth events, e.g. 'width:256->512@0.3, depth:6->12@0.6' "
+                              "(@auto: when the slope rule says); default adapts to the target", group="growth")
     grow_at: str | None = _opt("stage starts after the first: fractions of the budget (0.05,0.1,0.25), or steps "
                                "(100s,200s) or tokens (1Mt,2Mt)", group="growth")
     sampler: str | None = _opt("depth sampler (apollo default lvps; others none)", choices=SAMPLERS,
@@ -151,6 +154,16 @@ class RunConfig:
                             choices=("sum", "mean"), group="growth")
     sample_from: float = _opt("sample depths only after this fraction of each stage (0: the whole stage, as in "
                               "the paper); before it the stage runs its physical depth", default=0.0, group="growth")
+    b2b_method: str = _opt("bert2bert width expansion: aki (the paper's) or fpi (function preserving)",
+                           default="aki", choices=("aki", "fpi"), group="growth")
+    ligo_steps: int = _opt("ligo: optimisation steps of the learned growth operator (paper: 100)", default=100,
+                           group="growth")
+    rewarmup: float = _opt("staged/bert2bert/ligo: after each growth, ramp the learning rate up again over this "
+                           "fraction of the budget (0: the schedule simply continues)", default=0.0, group="growth")
+    auto_window: int = _opt("staged with @auto: logged steps in the slope fit of the auto growth rule",
+                            default=50, group="growth")
+    auto_margin: float = _opt("staged with @auto: grow once the measured loss-per-FLOP slope is below this times "
+                              "the grown model's expected slope", default=1.0, group="growth")
     lvps_low: float = _opt("LVPS curve value at x=1 (release constant 0.6)", default=0.6, group="growth")
     lvps_high: float = _opt("LVPS offset added to L/n at x=x_min (release constant 0.4)", default=0.4,
                             group="growth")
@@ -194,7 +207,12 @@ class RunConfig:
             c.layer_map = "stack" if c.method == "stack" else "interpolate"
         if c.sampler is None:
             c.sampler = "lvps" if c.method == "apollo" else "none"
-        if c.method != "scratch":
+        if c.method == "staged" and c.stages is None:
+            half_d, half_l = c.n_embd // 2, max(1, c.n_layer // 2)
+            c.stages = f"width:{half_d}->{c.n_embd}@0.25, depth:{half_l}->{c.n_layer}@0.5"
+        elif c.method in ("bert2bert", "ligo") and c.grow_at is None:
+            c.grow_at = "0.25"
+        elif c.method in DEPTH_METHODS:
             if c.stages is None:
                 c.stages = ",".join(str(s) for s in default_stages(c.method, c.n_layer))
             if c.grow_at is None:
@@ -260,12 +278,27 @@ class RunConfig:
             raise UserError("--sampler needs a growth method: add --method apollo")
         if c.threads is not None and c.threads < 1:
             raise UserError(f"--threads must be at least 1, got {c.threads}")
-        if c.n_layer is not None and c.stages is not None:
+        if c.method in ("bert2bert", "ligo"):
+            if c.stages is not None:
+                raise UserError(f"--method {c.method} grows once from half the layers and width: drop --stages "
+                                "and give the growth point with --grow-at (e.g. 0.25)")
+            if c.grow_at is not None and len(parse_grow_at(c.grow_at)) != 1:
+                raise UserError(f"--method {c.method} grows once: give one --grow-at point, e.g. 0.25")
+        if c.ligo_steps < 1 or c.auto_window < 3 or c.auto_margin <= 0 or not (0 <= c.rewarmup < 1):
+            raise UserError("--ligo-steps must be >= 1, --auto-window >= 3, --auto-margin > 0 and --rewarmup in [0, 1)")
+        if c.method == "staged":
+            if c.grow_at is not None:
+                raise UserError("--method staged takes its growth points inside --stages (e.g. "
+                                "'width:256->512@0.3, depth:6->12@0.6'): drop --grow-at")
+            if c.stages is not None:
+                from .growth.staged_schedule import parse_staged_stages
+                parse_staged_stages(c.stages)
+        elif c.n_layer is not None and c.stages is not None:
             stages = parse_stages(c.stages)
             if stages[-1] != c.n_layer:
                 raise UserError(f"the last stage ({stages[-1]} blocks) must equal the target depth "
                                 f"(--n-layer {c.n_layer}): end --stages with {c.n_layer}")
-        if c.stages is not None:
+        if c.stages is not None and c.method != "staged":
             stages = parse_stages(c.stages)
             if c.grow_at is not None:
                 points = parse_grow_at(c.grow_at)

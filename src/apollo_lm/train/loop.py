@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig, RunConfig, parse_amount, parse_grow_at, parse_stages
+from ..config import OPERATOR_METHODS, ModelConfig, RunConfig, parse_amount, parse_grow_at, parse_stages
 from ..data.batches import Batch, Batcher
 from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..data.tokens import Corpus, prepare_corpus
@@ -32,6 +32,7 @@ from ..growth.expand import expand_state
 from ..growth.maps import layer_map
 from ..growth.samplers import DepthSampler, rng_from_state, rng_state
 from ..growth.schedule import StageSchedule
+from ..growth.staged_schedule import GrowthEvent, initial_config, parse_staged_stages, should_grow
 from ..models import build_model
 from .dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from .checkpoint import (latest_checkpoint, load_model_state, model_state, read_checkpoint, save_checkpoint,
@@ -57,6 +58,8 @@ class TrainState:
     sampler_rng: dict = field(default_factory=dict)
     last_val_loss: float | None = None
     bad_steps: int = 0  # consecutive steps with a non-finite loss or gradient
+    auto_fired: list = field(default_factory=list)  # positions where @auto growth events fired
+    small_flops: float | None = None  # bert2bert / ligo: FLOPs spent before growing from the small model
 
 
 def model_config_for(cfg: RunConfig, vocab_size: int) -> ModelConfig:
@@ -136,13 +139,15 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world
         self._setup_budget_and_schedule()
         self.sampler = DepthSampler(cfg.sampler, self.mcfg.n_layer, cfg.lvps_low, cfg.lvps_high)
-        self.state = TrainState(n_blocks=self.schedule.stages[0])
+        first = self.stage_cfg.n_layer if cfg.method in OPERATOR_METHODS else self.schedule.stages[0]
+        self.state = TrainState(n_blocks=first)
         self.sampler_rng = np.random.default_rng([cfg.seed, 0xDE9])
+        self._history: list[tuple[float, float]] = []  # (FLOPs, train loss) in the current stage, for @auto
         if self.resume:
             self._load_latest()
         else:
             torch.manual_seed(cfg.seed)
-            self._build(self.schedule.stages[0], weights=None, opt_state=None)
+            self._build(first, weights=None, opt_state=None)
         self.peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
 
     def _setup_budget_and_schedule(self) -> None:
@@ -154,39 +159,146 @@ class Trainer:
             self.budget_unit, self.budget_total = "steps", max(1, math.ceil(toks / self.tokens_per_step))
         else:
             self.budget_unit, self.budget_total = "steps", cfg.steps
+        self.stage_cfg = self.mcfg  # the architecture of the physical model now (differs under width growth)
+        self.op_events: list[GrowthEvent] = []
+        self.op_starts: list[float | None] = []
         if cfg.method == "scratch":
             self.schedule = StageSchedule.single(self.mcfg.n_layer)
+            return
+        if cfg.method in OPERATOR_METHODS:
+            self._setup_operator_schedule()
             return
         stages = parse_stages(cfg.stages)
         if stages[-1] != self.mcfg.n_layer:
             raise UserError(f"the last stage ({stages[-1]} blocks) must equal the target depth {self.mcfg.n_layer}: "
                             f"end --stages with {self.mcfg.n_layer}")
-        starts: list[float] = []
-        for value, unit in parse_grow_at(cfg.grow_at):
-            if unit == "fraction":
-                starts.append(round(value * self.budget_total) if self.budget_unit == "steps"
-                              else value * self.budget_total)
-            elif self.budget_unit == "flops":
-                raise UserError("with a --flops budget give --grow-at as fractions of the budget (e.g. 0.05,0.1)")
-            elif unit == "steps":
-                starts.append(round(value))
-            else:
-                starts.append(round(value / self.tokens_per_step))
-        if any(s <= 0 or s >= self.budget_total for s in starts) or any(b <= a for a, b in zip(starts, starts[1:])):
-            raise UserError(f"--grow-at {cfg.grow_at} gives growth points {starts} that do not increase strictly "
-                            f"inside the budget (0, {self.budget_total:g} {self.budget_unit}): choose later or "
-                            "fewer points, or a larger budget")
+        starts = [self._to_position(value, unit) for value, unit in parse_grow_at(cfg.grow_at)]
+        self._check_starts(starts, f"--grow-at {cfg.grow_at}")
         self.schedule = StageSchedule(tuple(stages), tuple(starts), self.budget_unit)
+
+    def _to_position(self, value: float, unit: str) -> float:
+        """A growth point in the budget's own unit (optimizer steps, or FLOPs for a FLOPs budget)."""
+        if unit == "fraction":
+            return round(value * self.budget_total) if self.budget_unit == "steps" else value * self.budget_total
+        if self.budget_unit == "flops":
+            raise UserError("with a --flops budget give growth points as fractions of the budget (e.g. 0.05,0.1)")
+        return round(value) if unit == "steps" else round(value / self.tokens_per_step)
+
+    def _check_starts(self, starts: list[float], what: str) -> None:
+        if any(s <= 0 or s >= self.budget_total for s in starts) or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise UserError(f"{what} gives growth points {starts} that do not increase strictly inside the budget "
+                            f"(0, {self.budget_total:g} {self.budget_unit}): choose later or fewer points, or a "
+                            "larger budget")
+
+    def _setup_operator_schedule(self) -> None:
+        """staged: the --stages events; bert2bert / ligo: one growth from half the width and depth."""
+        cfg, target = self.cfg, self.mcfg
+        if cfg.method == "staged":
+            events = parse_staged_stages(cfg.stages)
+        else:
+            if target.n_embd % 2 or target.n_head % 2 or target.n_layer < 2:
+                raise UserError(f"--method {cfg.method} starts from half the width and depth: it needs an even "
+                                f"--n-embd and --n-head and at least 2 layers (got {target.n_embd}, "
+                                f"{target.n_head}, {target.n_layer})")
+            (value, unit), = parse_grow_at(cfg.grow_at)
+            events = [GrowthEvent("width", target.n_embd // 2, target.n_embd, value, unit),
+                      GrowthEvent("depth", target.n_layer // 2, target.n_layer, value, unit)]
+        target_dict = target.to_dict()
+        if target.family == "llama" and not target_dict.get("intermediate_size"):
+            from ..models import build_model as _bm
+            target_dict["intermediate_size"] = _bm(target, 1).blocks[0].mlp.w1.out_features  # keep the ratio
+        self.stage_cfg = ModelConfig.from_dict(initial_config(events, target_dict))
+        if cfg.method == "staged":
+            self.op_events = events
+        else:  # one combined growth event
+            self.op_events = [GrowthEvent(cfg.method, 1, 2, events[0].at, events[0].unit)]
+        self.op_starts = [None if e.at is None else self._to_position(e.at, e.unit) for e in self.op_events]
+        self._check_starts([s for s in self.op_starts if s is not None], f"--stages {cfg.stages or cfg.grow_at}")
+        self.schedule = StageSchedule.single(self.mcfg.n_layer)
+
+    def _operator_stage(self, position: float) -> int:
+        """How many growth events have happened before a step at ``position`` (@auto ones once fired)."""
+        fired = list(self.state.auto_fired)
+        stage = 0
+        for start in self.op_starts:
+            at = start if start is not None else (fired.pop(0) if fired else None)
+            if at is None or position < at:
+                break
+            stage += 1
+        return stage
+
+    def _apply_event(self, index: int) -> None:
+        from ..growth.operators import bert2bert, staged
+
+        cfg, st = self.cfg, self.state
+        ev = self.op_events[index]
+        w, s, c = model_state(self.model), named_optimizer_state(self.optimizer, self.model), self.stage_cfg.to_dict()
+        gen = torch.Generator().manual_seed(cfg.seed + index)
+        if ev.operator == "width":
+            r = staged.widen(w, s, c, ev.factor)
+        elif ev.operator == "depth":
+            r = staged.deepen(w, s, c, ev.factor)
+        elif ev.operator == "bert2bert":
+            st.small_flops = st.flops
+            r = bert2bert.grow(w, c, self.mcfg.n_embd, self.mcfg.n_layer, method=cfg.b2b_method, generator=gen)
+        else:  # ligo
+            st.small_flops = st.flops
+            r = self._grow_ligo(w, c, gen)
+        if not r.info.get("loss_preserving", True) and ev.operator in ("width", "depth"):
+            log.warning("step %d: %s growth is not loss-preserving for the %s family", st.step, ev.operator,
+                        self.mcfg.family)
+        log.info("step %d: %s growth to %d layers x %d hidden", st.step, ev.operator, r.config["n_layer"],
+                 r.config["n_embd"])
+        self.stage_cfg = ModelConfig.from_dict(r.config)
+        self._build(self.stage_cfg.n_layer, r.weights, r.optimizer_state or None)
+        self._history = []
+
+    def _grow_ligo(self, w: dict, c: dict, gen: torch.Generator):
+        """Train LiGO's operator on the training objective through the target model, then apply it."""
+        from torch.func import functional_call
+
+        from ..growth.operators import ligo
+
+        cfg, st = self.cfg, self.state
+        with torch.random.fork_rng(devices=[]):
+            target = build_model(self.mcfg).to(self.device)
+        calls = {"k": 0}
+
+        def loss_fn(weights):
+            # a fresh batch per operator step, from a stream the training batches never use
+            batch = self.batcher.get(st.step, 1_000_000 + calls["k"]).to(self.device)
+            calls["k"] += 1
+            with _autocast(self.device, self.amp):
+                return functional_call(target, weights, (batch.x, batch.y))[1]
+
+        r = ligo.grow(w, c, self.mcfg.n_embd, self.mcfg.n_layer, loss_fn, steps=cfg.ligo_steps, lr=1e-3,
+                      noise_std=1e-3, generator=gen)
+        per_step = train_step_flops(target, self.mcfg.n_layer, cfg.seq_len, cfg.batch_size * cfg.seq_len)
+        st.flops += cfg.ligo_steps * per_step  # the operator's training is part of the all-in cost
+        log.info("LiGO operator: loss %.4f -> %.4f over %d steps", r.info["losses"][0], r.info["final_loss"],
+                 cfg.ligo_steps)
+        return r
+
+    def _stage_start(self) -> float | None:
+        """Where the current stage began (None in the first stage)."""
+        st = self.state
+        if st.stage == 0:
+            return None
+        if self.cfg.method in OPERATOR_METHODS:
+            fired = list(st.auto_fired)
+            starts = [s if s is not None else (fired.pop(0) if fired else None) for s in self.op_starts]
+            return starts[st.stage - 1]
+        return self.schedule.starts[st.stage - 1]
 
     def _build(self, n_blocks: int, weights: dict[str, torch.Tensor] | None,
                opt_state: dict[str, dict[str, torch.Tensor]] | None) -> None:
         """(Re)build model, wrapping and optimizer with ``n_blocks`` physical blocks."""
         cfg = self.cfg
         if weights is None:
-            model = build_model(self.mcfg, n_blocks)
+            model = build_model(self.stage_cfg, n_blocks)
         else:
             with torch.random.fork_rng(devices=[]):  # a rebuild must not move the run's RNG stream
-                model = build_model(self.mcfg, n_blocks)
+                model = build_model(self.stage_cfg, n_blocks)
             load_model_state(model, weights)
         self.model = prepare_model(model, self.device, cfg.compile)
         self.model.train()
@@ -218,9 +330,11 @@ class Trainer:
         ck = read_checkpoint(path)
         st = ck["state"]
         mc = ModelConfig.from_dict(ck["model_config"])
-        if mc.to_dict() | {"n_layer": 0} != self.mcfg.to_dict() | {"n_layer": 0} or mc.n_layer != self.mcfg.n_layer:
-            raise UserError(f"checkpoint {path} was written for a different model ({mc}); resume it with the "
+        target = ModelConfig.from_dict(st["target_model"]) if "target_model" in st else mc
+        if target != self.mcfg:
+            raise UserError(f"checkpoint {path} was written for a different model ({target}); resume it with the "
                             "config it was started with")
+        self.stage_cfg = mc
         if st.get("world_size", 1) != self.dist.world:
             raise UserError(f"checkpoint {path} was written by {st.get('world_size', 1)} processes and this run has "
                             f"{self.dist.world}: resume with the same number of processes (torchrun "
@@ -235,6 +349,10 @@ class Trainer:
             if self.device.type == "cuda" and "cuda" in ck["rng"]:
                 torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
         truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+        if self.cfg.method == "staged" and (self.run_dir / "metrics.jsonl").exists():
+            from .metrics import read_metrics  # the @auto rule's loss history of the current stage
+            self._history = [(r["flops"], r["train_loss"]) for r in read_metrics(self.run_dir / "metrics.jsonl")
+                             if r.get("stage") == self.state.stage and not r.get("skipped")]
         log.info("resumed %s at step %d (%d blocks)", self.run_dir, self.state.step, self.state.n_blocks)
 
     def save(self) -> Path:
@@ -246,11 +364,12 @@ class Trainer:
         st["target_depth"] = self.mcfg.n_layer
         st["layer_map"] = self.cfg.layer_map
         st["world_size"] = self.dist.world
+        st["target_model"] = self.mcfg.to_dict()
         path = None
         if self.dist.is_main:  # DDP keeps weights and optimizer state identical on every rank
             path = save_checkpoint(self.run_dir, self.state.step, model_state(self.model),
                                    flatten_optimizer_state(named_optimizer_state(self.optimizer, self.model)), rng,
-                                   st, self.cfg.to_dict(), self.mcfg.to_dict() | {"n_blocks": self.state.n_blocks},
+                                   st, self.cfg.to_dict(), self.stage_cfg.to_dict() | {"n_blocks": self.state.n_blocks},
                                    self.cfg.keep_checkpoints)
         barrier(self.dist)
         return path or latest_checkpoint(self.run_dir)
@@ -263,8 +382,12 @@ class Trainer:
         return self.position() >= self.budget_total
 
     def target_map(self) -> list[int] | None:
+        """Depth-growth methods deliver the target depth through the layer map; operator methods deliver the
+        model as it is."""
         n, L = self.state.n_blocks, self.mcfg.n_layer
-        return None if n == L else layer_map(self.cfg.layer_map, n, L)
+        if n == L or self.cfg.method in OPERATOR_METHODS:
+            return None
+        return layer_map(self.cfg.layer_map, n, L)
 
     def _evaluate(self, lmap: list[int] | None) -> float:
         """Each rank scores its share of the fixed validation batches; the token-weighted mean over all."""
@@ -275,7 +398,7 @@ class Trainer:
 
     def run_evaluation(self) -> dict[str, float]:
         out = {"val_loss": self._evaluate(self.target_map())}
-        if self.state.n_blocks < self.mcfg.n_layer:
+        if self.target_map() is not None:
             out["val_loss_physical"] = self._evaluate(None)
         return out
 
@@ -345,12 +468,42 @@ class Trainer:
                 signal.signal(sig, h)
         return last
 
+    def _maybe_fire_auto(self) -> None:
+        """@auto growth (staged_schedule.should_grow): fire the next event when growing pays by the slope rule."""
+        st = self.state
+        nxt = st.stage
+        if nxt >= len(self.op_events) or self.op_starts[nxt] is not None:
+            return
+        if len(st.auto_fired) > sum(1 for s in self.op_starts[:nxt] if s is None):
+            return  # already fired, takes effect at the next step
+        if len(self._history) < self.cfg.auto_window:
+            return  # the slope is fitted on a full window of the current stage
+        ev = self.op_events[nxt]
+        big = dict(self.stage_cfg.to_dict())
+        big["n_embd" if ev.operator == "width" else "n_layer"] = ev.new
+        if ev.operator == "width":
+            big["n_head"] = self.stage_cfg.n_head * ev.factor
+        with torch.random.fork_rng(devices=[]):
+            large = build_model(ModelConfig.from_dict(big), big["n_layer"])
+        n_large = sum(p.numel() for p in large.parameters())
+        flops_large = train_step_flops(large, big["n_layer"], self.cfg.seq_len, self.tokens_per_step)
+        if should_grow([f for f, _ in self._history], [v for _, v in self._history], n_large, flops_large,
+                       window=self.cfg.auto_window, margin=self.cfg.auto_margin):
+            st.auto_fired.append(self.position())
+            log.info("step %d: the auto rule grows %s next (%d -> %d)", st.step, ev.operator, ev.old, ev.new)
+
     def _train_step(self) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
         t0 = time.perf_counter()
-        stage = self.schedule.stage_at(self.position())
-        if stage != st.stage or self.schedule.stages[stage] != st.n_blocks:
-            self._grow(stage)
+        if cfg.method in OPERATOR_METHODS:
+            target_stage = self._operator_stage(self.position())
+            while st.stage < target_stage:
+                self._apply_event(st.stage)
+                st.stage += 1
+        else:
+            stage = self.schedule.stage_at(self.position())
+            if stage != st.stage or self.schedule.stages[stage] != st.n_blocks:
+                self._grow(stage)
         n = st.n_blocks
         if cfg.sample_from > 0 and self.schedule.fraction_of_stage(self.position(), self.budget_total) < \
                 cfg.sample_from:
@@ -364,6 +517,11 @@ class Trainer:
         else:
             progress = min(1.0, (st.flops + step_flops) / self.budget_total)
         lr = lr_at(progress, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.schedule, cfg.decay)
+        if cfg.rewarmup > 0 and cfg.method in OPERATOR_METHODS and st.stage > 0:
+            begun = self._stage_start()
+            if begun is not None:  # ramp up again after a growth, as the staged-training release does
+                done = (self.position() - begun + (1 if self.budget_unit == "steps" else step_flops))
+                lr *= min(1.0, done / (cfg.rewarmup * self.budget_total))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.dist.enabled:
@@ -414,6 +572,13 @@ class Trainer:
         record["grad_norm"] = float(grad_norm)
         if skipped:
             record["skipped"] = True
+        if st.small_flops is not None:
+            record["small_flops"] = st.small_flops
+        if cfg.method == "staged":
+            record["n_embd"] = self.stage_cfg.n_embd
+            if not skipped:
+                self._history.append((st.flops, train_loss))
+            self._maybe_fire_auto()
         if self.peak:
             record["mfu"] = step_flops / dt / self.peak
         return record
