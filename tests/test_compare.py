@@ -37,6 +37,12 @@ def test_crossing_and_savings(tmp_path):
     assert f["loss_at_scratch_flops"] is None  # it stopped before the scratch run's total FLOPs
     w = res["methods"]["w"]
     assert not w["reached"] and w["flops_saving"] is None and w["loss_at_scratch_flops"] == 3.5
+    # bert2bert / ligo runs also get the papers' saving that leaves out the small model's training
+    small = _fake_run(tmp_path / "b", "bert2bert", [(100, 8, 4.0), (200, 16, 2.0)])
+    small.rows[1]["small_flops"] = 50
+    b = compare(scratch, [small])["methods"]["b"]
+    assert b["flops_saving"] == pytest.approx(1 - 150 / 400)
+    assert b["flops_saving_excluding_small"] == pytest.approx(1 - 100 / 400)
     assert _crossing([{"flops": 1, "wall": 1, "val_loss": 1.0}], 2.0) == (1, 1)
     assert _loss_at_flops([{"flops": 10, "val_loss": 2.0}, {"flops": 20, "val_loss": 1.0}], 15) == 1.5
 
