@@ -145,6 +145,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         values = load_config_file(args.config) if args.config else {}
         values.update(given)
+        if values.get("init_from"):
+            _fill_from_hf(values)
         cfg = RunConfig.from_dict(values, source=args.config or "options")
         cfg.validate()
         cfg = cfg.resolved()
@@ -168,6 +170,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.info("run directory: %s (metrics.jsonl, checkpoints/); evaluate with: apollo eval %s --data FILE",
                  trainer.run_dir, trainer.run_dir)
     return 0 if last is not None else 1
+
+
+def _fill_from_hf(values: dict[str, Any]) -> None:
+    """Options not given take the --init-from checkpoint's architecture and tokenizer."""
+    from .interop.hf import model_config_from_hf
+
+    path = Path(values["init_from"]) / "config.json"
+    if not path.is_file():
+        raise UserError(f"--init-from {values['init_from']}: no config.json there; give a transformers model "
+                        "directory (as written by save_pretrained or apollo export)")
+    hf = model_config_from_hf(json.loads(path.read_text()))
+    defaults = {"model": hf.family, "n_layer": hf.n_layer, "n_embd": hf.n_embd, "n_head": hf.n_head,
+                "seq_len": hf.block_size if hf.family != "llama" else None, "tokenizer": values["init_from"]}
+    if hf.family == "llama":
+        defaults |= {"n_kv_head": hf.n_kv_head, "tie_embeddings": hf.tie_embeddings}
+    for k, v in defaults.items():
+        if v is not None and values.get(k) is None:
+            values[k] = v
 
 
 def _exp(x: float | None) -> float:

@@ -103,6 +103,9 @@ class RunConfig:
     txt_docs: str = _opt("how .txt files split into documents: 'blank-line' (paragraphs separated by an empty "
                          "line) or 'file' (one document per file)", default="blank-line",
                          choices=("blank-line", "file"), group="data")
+    init_from: str | None = _opt("start from the weights of a transformers checkpoint directory (gpt2, bert or "
+                                 "llama; its tokenizer unless --tokenizer): to continue training it, or to grow it "
+                                 "when the run is deeper (the first stage then has its layers)", group="data")
     tokenizer: str | None = _opt("tokenizer.json file or directory holding one; default: train one on the data "
                                  "(byte-level BPE for gpt, WordPiece for bert)", group="data")
     tokenizer_sample: int = _opt("at most this many characters of training text are used to train a tokenizer",

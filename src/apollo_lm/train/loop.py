@@ -63,8 +63,17 @@ class TrainState:
 
 
 def model_config_for(cfg: RunConfig, vocab_size: int) -> ModelConfig:
+    """The target architecture: the options, with the tokenizer's vocabulary, and with the architecture details
+    of an --init-from checkpoint that the options do not express (Llama's MLP size, rotary base, norm epsilon)."""
     m = cfg.model_config()
     m.vocab_size = vocab_size
+    if cfg.init_from:
+        import json
+
+        from ..interop.hf import model_config_from_hf
+        hf = model_config_from_hf(json.loads((Path(cfg.init_from) / "config.json").read_text()))
+        for name in ("intermediate_size", "rope_theta", "norm_eps", "mlp_ratio", "type_vocab_size"):
+            setattr(m, name, getattr(hf, name))
     return m
 
 
@@ -131,6 +140,8 @@ class Trainer:
             barrier(self.dist)
         vocab = self.corpus.tokenizer.get_vocab_size()
         self.mcfg = model_config_for(cfg, vocab)
+        if self.resume and (self.run_dir / "model.json").is_file():  # the run's own record is authoritative
+            self.mcfg = ModelConfig.from_dict(json.loads((self.run_dir / "model.json").read_text()))
         self.batcher = Batcher(self.corpus.train.tokens, cfg.model, cfg.seq_len, cfg.batch_size, self.corpus.ids,
                                vocab, cfg.seed)
         valid_batcher = Batcher(self.corpus.valid.tokens, cfg.model, cfg.seq_len, cfg.batch_size,
@@ -145,6 +156,20 @@ class Trainer:
         self._history: list[tuple[float, float]] = []  # (FLOPs, train loss) in the current stage, for @auto
         if self.resume:
             self._load_latest()
+        elif cfg.init_from:
+            from ..growth.expand import count_blocks
+            from ..interop.hf import init_weights_from_hf
+
+            torch.manual_seed(cfg.seed)
+            weights = init_weights_from_hf(cfg.init_from, self.stage_cfg)
+            k = count_blocks(weights)
+            if k != first:
+                raise UserError(f"{cfg.init_from} has {k} layers but this run's first stage has {first}: "
+                                + (f"start the stages at {k} (e.g. --stages {k},{self.mcfg.n_layer})"
+                                   if cfg.method != "scratch" else f"use --n-layer {k}, or a growth method "
+                                   f"whose first stage has {k} blocks"))
+            self._build(first, weights=weights, opt_state=None)
+            log.info("initialised from %s (%d layers)", cfg.init_from, k)
         else:
             torch.manual_seed(cfg.seed)
             self._build(first, weights=None, opt_state=None)
