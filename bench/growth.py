@@ -52,6 +52,12 @@ METHODS = {
     "apollo-us": ["--method", "apollo", "--sampler", "us"],
     "apollo-mean": ["--method", "apollo", "--shared-grad", "mean"],
     "apollo-sample-late": ["--method", "apollo", "--sample-from", "0.5"],
+    # progressive depth growth with staged training's function-preserving depth operator (new blocks start as
+    # the identity, zero projections) instead of interpolation copies
+    "staged-depth-late": ["--method", "staged", "--stages",
+                          "depth:1->3@0.1, depth:3->6@0.2, depth:6->12@0.5"],
+    "staged-depth": ["--method", "staged", "--stages", "depth:1->3@0.05, depth:3->6@0.1, depth:6->12@0.25"],
+    "apollo-late-mean": ["--method", "apollo", "--grow-at", "0.1,0.2,0.5", "--shared-grad", "mean"],
     "progressive-wsd": ["--method", "progressive", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"],
 }
 

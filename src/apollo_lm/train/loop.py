@@ -139,9 +139,10 @@ class Trainer:
         if self.dist.is_main:
             barrier(self.dist)
         vocab = self.corpus.tokenizer.get_vocab_size()
-        self.mcfg = model_config_for(cfg, vocab)
         if self.resume and (self.run_dir / "model.json").is_file():  # the run's own record is authoritative
             self.mcfg = ModelConfig.from_dict(json.loads((self.run_dir / "model.json").read_text()))
+        else:
+            self.mcfg = model_config_for(cfg, vocab)
         self.batcher = Batcher(self.corpus.train.tokens, cfg.model, cfg.seq_len, cfg.batch_size, self.corpus.ids,
                                vocab, cfg.seed)
         valid_batcher = Batcher(self.corpus.valid.tokens, cfg.model, cfg.seq_len, cfg.batch_size,
