@@ -58,6 +58,10 @@ METHODS = {
                           "depth:1->3@0.1, depth:3->6@0.2, depth:6->12@0.5"],
     "staged-depth": ["--method", "staged", "--stages", "depth:1->3@0.05, depth:3->6@0.1, depth:6->12@0.25"],
     "apollo-late-mean": ["--method", "apollo", "--grow-at", "0.1,0.2,0.5", "--shared-grad", "mean"],
+    # the map type alone: interpolation stages 1,3,6,12 grown (and, for apollo, shared) by stacking
+    "progressive-stack": ["--method", "progressive", "--layer-map", "stack"],
+    "apollo-stack": ["--method", "apollo", "--layer-map", "stack"],
+    "stack-late": ["--method", "stack", "--grow-at", "0.2,0.5"],
     "progressive-wsd": ["--method", "progressive", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"],
 }
 
