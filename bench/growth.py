@@ -39,7 +39,7 @@ SIZES = {
 
 COMMON = ["--lr", "1e-3", "--beta1", "0.9", "--beta2", "0.95", "--weight-decay", "0.1", "--warmup", "0.01",
           "--min-lr-ratio", "0.1", "--grad-clip", "1.0", "--eval-batches", "16", "--seed", "1337", "--no-progress",
-          "--log-every", "10", "--save-every", "1000000"]
+          "--log-every", "1", "--save-every", "1000000"]
 
 METHODS = {
     "scratch": ["--method", "scratch"],

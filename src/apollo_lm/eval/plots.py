@@ -64,6 +64,7 @@ def plot_stage_depths(histograms: Mapping[str, Mapping[int, Mapping[int, int]]],
             ax = axes[row][col]
             total = sum(hist.values())
             ax.bar(list(hist), [c / total for c in hist.values()], color="tab:orange")
+            ax.set_xticks(list(hist))
             ax.set_title(f"{run}: {n} blocks", fontsize=9)
             ax.set_xlabel("depth run")
             ax.set_ylabel("fraction of steps")
