@@ -34,9 +34,11 @@ def test_crossing_and_savings(tmp_path):
     # 3.0 lies halfway between (100, 4.0) and (200, 2.0): 150 FLOPs, 12 s
     assert f["reached"] and f["flops_to_target"] == pytest.approx(150) and f["wall_to_target"] == pytest.approx(12)
     assert f["flops_saving"] == pytest.approx(1 - 150 / 400) and f["wall_saving"] == pytest.approx(1 - 12 / 40)
-    assert f["loss_at_scratch_flops"] is None  # it stopped before the scratch run's total FLOPs
+    # at equal FLOPs (300, where f stopped): f's 1.9 against scratch's 3.5 (halfway from 4.0 at 200 to 3.0 at 400)
+    assert f["equal_flops"] == 300 and f["loss_at_equal_flops"] == 1.9
+    assert f["scratch_loss_at_equal_flops"] == pytest.approx(3.5)
     w = res["methods"]["w"]
-    assert not w["reached"] and w["flops_saving"] is None and w["loss_at_scratch_flops"] == 3.5
+    assert not w["reached"] and w["flops_saving"] is None and w["loss_at_equal_flops"] == 3.5
     # bert2bert / ligo runs also get the papers' saving that leaves out the small model's training
     small = _fake_run(tmp_path / "b", "bert2bert", [(100, 8, 4.0), (200, 16, 2.0)])
     small.rows[1]["small_flops"] = 50

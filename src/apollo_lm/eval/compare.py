@@ -3,7 +3,8 @@
 For each method run: the FLOPs and training seconds (evaluation excluded) at which its validation loss at the
 target depth first reaches the scratch run's final validation loss, linearly interpolated between the two
 evaluations that straddle it; the savings ``1 - method / scratch`` for both; the final validation loss; and
-the loss at the scratch run's total FLOPs. A method that never reaches the target is reported as such.
+both runs' losses at equal FLOPs (the smaller of the two totals). A method that never reaches the target is
+reported as such.
 Reads only each run's ``config.json``, ``model.json``, ``data.json`` and ``metrics.jsonl``.
 """
 
@@ -130,7 +131,10 @@ def compare(scratch: Run, runs: list[Run]) -> dict[str, Any]:
             "flops_saving": 1 - cross[0] / final["flops"] if cross else None,
             "wall_saving": 1 - cross[1] / final["wall"] if cross and final["wall"] > 0 else None,
             "final_val_loss": r.evals[-1]["val_loss"],
-            "loss_at_scratch_flops": _loss_at_flops(r.evals, final["flops"]),
+            # both runs' losses at the same compute: the smaller of the two runs' totals
+            "equal_flops": min(final["flops"], r.evals[-1]["flops"]),
+            "loss_at_equal_flops": _loss_at_flops(r.evals, min(final["flops"], r.evals[-1]["flops"])),
+            "scratch_loss_at_equal_flops": _loss_at_flops(scratch.evals, min(final["flops"], r.evals[-1]["flops"])),
             "total_flops": r.evals[-1]["flops"], "total_wall": r.evals[-1]["wall"],
         }
         small = next((row["small_flops"] for row in r.rows if row.get("small_flops") is not None), None)
@@ -148,11 +152,13 @@ def _pct(x: float | None) -> str:
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [f"Target: scratch run `{result['scratch']}` final validation loss **{result['target_loss']:.4f}** "
              f"({result['scratch_flops']:.3g} FLOPs, {result['scratch_wall']:.1f} s)", "",
-             "| method | run | reached | FLOPs saving | wall-clock saving | final val loss | loss at scratch's FLOPs |",
+             "| method | run | reached | FLOPs saving | wall-clock saving | final val loss "
+             "| loss vs scratch's at equal FLOPs |",
              "|---|---|---|---|---|---|---|"]
     for name, m in result["methods"].items():
         label = m["method"] + (f" ({m['sampler']})" if m["method"] == "apollo" else "")
-        las = "n/a" if m["loss_at_scratch_flops"] is None else f"{m['loss_at_scratch_flops']:.4f}"
+        a, b = m["loss_at_equal_flops"], m["scratch_loss_at_equal_flops"]
+        las = "n/a" if a is None or b is None else f"{a:.4f} vs {b:.4f} at {m['equal_flops']:.3g}"
         saving = _pct(m["flops_saving"])
         if "flops_saving_excluding_small" in m:
             saving += f" ({_pct(m['flops_saving_excluding_small'])} without the small model)"
