@@ -13,7 +13,7 @@ torch.set_num_threads(2)
 
 # options for a model and run that train in about a second on a laptop CPU
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--vocab-size", "300",
-        "--batch-size", "4", "--eval-batches", "2", "--no-progress", "--warmup", "0.1"]
+        "--batch-size", "4", "--eval-batches", "2", "--no-progress", "--warmup", "0.1", "--method", "scratch"]
 
 
 @pytest.fixture(autouse=True, scope="session")

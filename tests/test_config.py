@@ -21,8 +21,9 @@ def test_resolved_fills_method_defaults():
     assert (c.stages, c.grow_at, c.sampler, c.layer_map) == ("1,3,6,12", "0.05,0.1,0.25", "lvps", "interpolate")
     assert RunConfig(method="apollo").resolved().stages == "1,2,4"  # tiny preset: 4 layers
     s = RunConfig(method="stack", preset="gpt-small").resolved()
-    assert (s.stages, s.sampler, s.layer_map) == ("3,6,12", "none", "stack")
-    assert RunConfig().resolved().steps == 400
+    assert (s.stages, s.grow_at, s.sampler, s.layer_map) == ("3,6,12", "0.2,0.5", "none", "stack")
+    default = RunConfig().resolved()
+    assert default.steps == 400 and default.method == "stack" and default.stages == "1,2,4"  # the measured winner
 
 
 @pytest.mark.parametrize("kw, needle", [
@@ -33,7 +34,7 @@ def test_resolved_fills_method_defaults():
     ({"tokens": "lots"}, "--tokens"),
     ({"method": "apollo", "n_layer": 12, "stages": "1,3,6"}, "target depth"),
     ({"method": "apollo", "stages": "1,3,6,12", "grow_at": "0.1,0.2"}, "growth points"),
-    ({"stages": "1,2,4"}, "growth method"),
+    ({"stages": "1,2,4", "method": "scratch"}, "growth method"),
     ({"warmup": 0.9}, "--warmup"),
 ])
 def test_validation_names_the_problem(kw, needle):

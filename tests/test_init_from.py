@@ -24,7 +24,8 @@ def test_continue_training_from_hf(tmp_path, corpus_files, exported):
     out = tmp_path / "cont"
     # no model options: architecture, sequence length and tokenizer come from the checkpoint
     assert run_cli("train", "--data", str(train), "--valid", str(valid), "--out", str(out), "--init-from",
-                   str(exported / "hf"), "--steps", "1", "--lr", "1e-12", "--warmup", "0", "--no-progress",
+                   str(exported / "hf"), "--method", "scratch", "--steps", "1", "--lr", "1e-12", "--warmup", "0",
+                   "--no-progress",
                    "--batch-size", "4", "--eval-batches", "1") == 0
     before = read_checkpoint(checkpoint_dirs(exported / "run")[-1])["weights"]
     after = read_checkpoint(checkpoint_dirs(out)[-1])["weights"]

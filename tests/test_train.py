@@ -143,7 +143,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, corpus_files, caplog):
     from apollo_lm.train.loop import start_run
 
     train, valid = corpus_files
-    cfg = RunConfig(data=[str(train)], valid=[str(valid)], n_layer=2, n_embd=32, n_head=2, seq_len=32,
+    cfg = RunConfig(method="scratch", data=[str(train)], valid=[str(valid)], n_layer=2, n_embd=32, n_head=2, seq_len=32,
                     vocab_size=300, batch_size=4, eval_batches=1, progress=False, steps=12, save_every=3,
                     max_bad_steps=3).resolved()
     trainer = start_run(cfg, tmp_path / "nan")
@@ -170,3 +170,36 @@ def test_grad_accumulation_and_token_budget(tmp_path, corpus_files):
     rows = read_metrics(out / "metrics.jsonl")
     # 1000 tokens at 2 x 4 x 32 = 256 tokens per step: 4 steps
     assert [r["tokens"] for r in rows] == [256, 512, 768, 1024]
+
+
+def test_foreign_tokenizer_is_refused(tmp_path, corpus_files, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train(a, corpus_files, "--steps", "2") == 0
+    assert _train(b, corpus_files, "--steps", "2", "--vocab-size", "400") == 0
+    (a / "tokenizer.json").write_text((b / "tokenizer.json").read_text())
+    capsys.readouterr()
+    assert run_cli("train", "--resume", str(a)) == 2
+    assert "not this run's tokenizer" in capsys.readouterr().err
+    assert run_cli("eval", str(a), "--data", str(corpus_files[1])) == 2
+    assert "not this run's tokenizer" in capsys.readouterr().err
+
+
+def test_external_loggers(tmp_path, corpus_files, capsys, monkeypatch):
+    """--log-to mirrors metrics to TensorBoard when installed; a missing package is a clear error."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pkg(name, *a, **k):
+        if name in ("wandb", "torch.utils.tensorboard"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_pkg)
+    assert _train(tmp_path / "w", corpus_files, "--steps", "2", "--log-to", "wandb") == 2
+    assert "pip install wandb" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # refused before anything was written
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    pytest.importorskip("tensorboard")
+    assert _train(tmp_path / "tb", corpus_files, "--steps", "3", "--log-to", "tensorboard") == 0
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))

@@ -139,7 +139,9 @@ class RunConfig:
     save_every: int = _opt("checkpoint every N steps (and at the end)", default=200, group="eval")
     keep_checkpoints: int = _opt("keep the last K checkpoints", default=2, group="eval")
     # --- growth
-    method: str = _opt("training method", default="scratch", choices=METHODS, group="growth")
+    method: str = _opt("training method; the default is the one that saved the most compute in our measurements "
+                       "(BENCHMARKS.md); scratch is the baseline to compare against", default="stack", choices=METHODS,
+                       group="growth")
     stages: str | None = _opt("apollo/progressive/stack: physical blocks per stage, e.g. 1,3,6,12 (last = "
                               "target depth); staged: growth events, e.g. 'width:256->512@0.3, depth:6->12@0.6' "
                               "(@auto: when the slope rule says); default adapts to the target", group="growth")
@@ -179,6 +181,10 @@ class RunConfig:
     compile: bool = _opt("torch.compile each block and the head separately", default=False, group="system")
     threads: int | None = _opt("CPU threads for torch (default: torch's choice)", group="system")
     progress: bool = _opt("show a progress bar", default=True, group="system")
+    log_to: list[str] = _opt("also log metrics to: tensorboard and/or wandb (off by default; needs the package)",
+                             default=[], group="system")
+    wandb_project: str | None = _opt("Weights & Biases project for --log-to wandb (default apollo-lm)",
+                                     group="system")
 
     # ------------------------------------------------------------------ resolution
     def model_config(self) -> ModelConfig:
@@ -219,7 +225,7 @@ class RunConfig:
             if c.stages is None:
                 c.stages = ",".join(str(s) for s in default_stages(c.method, c.n_layer))
             if c.grow_at is None:
-                c.grow_at = ",".join(str(g) for g in default_grow_at(len(parse_stages(c.stages))))
+                c.grow_at = ",".join(str(g) for g in default_grow_at(len(parse_stages(c.stages)), c.method))
         return c
 
     def validate(self) -> None:
@@ -279,6 +285,9 @@ class RunConfig:
             raise UserError("--stages/--grow-at need a growth method: add --method apollo, progressive or stack")
         if c.method == "scratch" and c.sampler not in (None, "none"):
             raise UserError("--sampler needs a growth method: add --method apollo")
+        bad = [t for t in c.log_to if t not in ("tensorboard", "wandb")]
+        if bad:
+            raise UserError(f"--log-to {' '.join(bad)}: choose tensorboard and/or wandb")
         if c.threads is not None and c.threads < 1:
             raise UserError(f"--threads must be at least 1, got {c.threads}")
         if c.method in ("bert2bert", "ligo"):
@@ -452,9 +461,11 @@ def default_stages(method: str, n_layer: int) -> list[int]:
     return stages
 
 
-def default_grow_at(n_stages: int) -> list[float]:
-    """Apollo's published growth points (5 %, 10 %, 25 % of training), truncated to the number of stages."""
-    pts = [0.05, 0.10, 0.25]
+def default_grow_at(n_stages: int, method: str = "apollo") -> list[float]:
+    """Growth points as fractions of the budget, truncated to the number of stages: Apollo's published 5 %, 10 %,
+    25 % for apollo and progressive; for stack the later 10 %, 20 %, 50 % that saved the most in our CPU
+    measurements (BENCHMARKS.md: 61 % of the FLOPs against 46 % at 10/25 %)."""
+    pts = [0.10, 0.20, 0.50] if method == "stack" else [0.05, 0.10, 0.25]
     if n_stages - 1 <= len(pts):
         return pts[len(pts) - (n_stages - 1):] if n_stages > 1 else []
     step = 0.5 / (n_stages - 1)

@@ -60,6 +60,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     tmap = None if n_blocks == mcfg.n_layer else layer_map(ck["state"].get("layer_map", "interpolate"), n_blocks,
                                                            mcfg.n_layer)
     tok = load_tokenizer(str(run / "tokenizer.json"))
+    if tok.get_vocab_size() != mcfg.vocab_size:
+        raise UserError(f"{run}/tokenizer.json has {tok.get_vocab_size()} tokens but the model has "
+                        f"{mcfg.vocab_size}: it is not this run's tokenizer; restore the original")
     return LoadedRun(cfg, mcfg, tok, model, n_blocks, int(ck["state"]["step"]), tmap, ck_path)
 
 

@@ -38,7 +38,7 @@ from .dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from .checkpoint import (latest_checkpoint, load_model_state, model_state, read_checkpoint, save_checkpoint,
                          write_json)
 from .flops import peak_flops, train_step_flops
-from .metrics import MetricsWriter, truncate_metrics
+from .metrics import ExternalLoggers, MetricsWriter, require_logger_packages, truncate_metrics
 from .optim import (build_optimizer, flatten_optimizer_state, load_named_optimizer_state, lr_at,
                     named_optimizer_state, unflatten_optimizer_state)
 from .wrap import autocast_dtype, prepare_model, resolve_device
@@ -132,6 +132,8 @@ class Trainer:
         if not self.dist.is_main:
             logging.getLogger("apollo_lm").setLevel(logging.WARNING)
         self.amp = autocast_dtype(cfg.dtype, self.device)
+        if cfg.log_to and self.dist.is_main:
+            require_logger_packages(cfg.log_to)
         tok = load_tokenizer(str(self.run_dir / "tokenizer.json")) if self.resume else None
         if not self.dist.is_main:
             barrier(self.dist)  # rank 0 trains the tokenizer and fills the token cache first
@@ -141,6 +143,9 @@ class Trainer:
         vocab = self.corpus.tokenizer.get_vocab_size()
         if self.resume and (self.run_dir / "model.json").is_file():  # the run's own record is authoritative
             self.mcfg = ModelConfig.from_dict(json.loads((self.run_dir / "model.json").read_text()))
+            if self.mcfg.vocab_size != vocab:
+                raise UserError(f"{self.run_dir}/tokenizer.json has {vocab} tokens but the run's model has "
+                                f"{self.mcfg.vocab_size}: it is not this run's tokenizer; restore the original")
         else:
             self.mcfg = model_config_for(cfg, vocab)
         self.batcher = Batcher(self.corpus.train.tokens, cfg.model, cfg.seq_len, cfg.batch_size, self.corpus.ids,
@@ -444,6 +449,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
         metrics = MetricsWriter(self.run_dir / "metrics.jsonl") if self.dist.is_main else None
+        external = ExternalLoggers(cfg.log_to, self.run_dir, cfg.to_dict()) if cfg.log_to and self.dist.is_main \
+            else None
         previous = self._install_signal_handlers()
         bar = None
         if cfg.progress and self.dist.is_main:
@@ -469,6 +476,8 @@ class Trainer:
                 record["wall_total"] = round(st.wall_total, 4)
                 if metrics is not None and (step % cfg.log_every == 0 or "val_loss" in record or stopping):
                     metrics.write(record)
+                    if external is not None:
+                        external.write(record)
                 if bar is not None:
                     post = {"loss": f"{record['train_loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
                     if st.last_val_loss is not None:
@@ -490,6 +499,8 @@ class Trainer:
                 bar.close()
             if metrics is not None:
                 metrics.close()
+            if external is not None:
+                external.close()
             for sig, h in previous.items():
                 signal.signal(sig, h)
         return last
