@@ -62,6 +62,8 @@ METHODS = {
     "progressive-stack": ["--method", "progressive", "--layer-map", "stack"],
     "apollo-stack": ["--method", "apollo", "--layer-map", "stack"],
     "stack-late": ["--method", "stack", "--grow-at", "0.2,0.5"],
+    # the winner's schedule (3 -> 6 -> 12 at 20/50 %, stacking) with Apollo's depth sampling on top
+    "apollo-stack-late": ["--method", "apollo", "--layer-map", "stack", "--stages", "3,6,12", "--grow-at", "0.2,0.5"],
     "progressive-wsd": ["--method", "progressive", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"],
 }
 
@@ -69,7 +71,7 @@ METHODS = {
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=tuple(SIZES), default="cpu")
-    p.add_argument("--methods", nargs="+", default=["scratch", "stack", "progressive", "apollo"],
+    p.add_argument("--methods", nargs="+", default=["scratch", "stack", "progressive", "apollo", "stack-late"],
                    choices=tuple(METHODS))
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with the *.jsonl.xz splits")
     p.add_argument("--tag", default="", help="suffix for the output folder (e.g. lr3e-3)")
