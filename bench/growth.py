@@ -71,7 +71,7 @@ METHODS = {
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=tuple(SIZES), default="cpu")
-    p.add_argument("--methods", nargs="+", default=["scratch", "stack", "progressive", "apollo", "stack-late"],
+    p.add_argument("--methods", nargs="+", default=["scratch", "stack", "progressive", "apollo"],
                    choices=tuple(METHODS))
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with the *.jsonl.xz splits")
     p.add_argument("--tag", default="", help="suffix for the output folder (e.g. lr3e-3)")
