@@ -1,4 +1,4 @@
-"""The ``apollo`` command: train, eval, depths, compare.
+"""The ``apollo`` command: train, eval, depths, compare, export, generate, glue.
 
 Errors the user can fix print one line (``error: ...``) and exit with status 2, with no traceback.
 """
