@@ -119,6 +119,7 @@ class Trainer:
         self._stop_signal: str | None = None
         self.dist = DistInfo()
         self.ddp: nn.Module | None = None  # the DDP wrapper when several processes train together
+        self._grown_size_cache: dict[int, tuple[int, float]] = {}  # @auto: size of the model each event makes
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -247,12 +248,15 @@ class Trainer:
         self._check_starts([s for s in self.op_starts if s is not None], f"--stages {cfg.stages or cfg.grow_at}")
         self.schedule = StageSchedule.single(self.mcfg.n_layer)
 
+    def _operator_starts(self) -> list[float | None]:
+        """Where each growth event starts: timed ones from the schedule, @auto ones once fired (else None)."""
+        fired = iter(self.state.auto_fired)
+        return [s if s is not None else next(fired, None) for s in self.op_starts]
+
     def _operator_stage(self, position: float) -> int:
-        """How many growth events have happened before a step at ``position`` (@auto ones once fired)."""
-        fired = list(self.state.auto_fired)
+        """How many growth events have happened before a step at ``position``."""
         stage = 0
-        for start in self.op_starts:
-            at = start if start is not None else (fired.pop(0) if fired else None)
+        for at in self._operator_starts():
             if at is None or position < at:
                 break
             stage += 1
@@ -316,9 +320,7 @@ class Trainer:
         if st.stage == 0:
             return None
         if self.cfg.method in OPERATOR_METHODS:
-            fired = list(st.auto_fired)
-            starts = [s if s is not None else (fired.pop(0) if fired else None) for s in self.op_starts]
-            return starts[st.stage - 1]
+            return self._operator_starts()[st.stage - 1]
         return self.schedule.starts[st.stage - 1]
 
     def _build(self, n_blocks: int, weights: dict[str, torch.Tensor] | None,
@@ -505,6 +507,21 @@ class Trainer:
                 signal.signal(sig, h)
         return last
 
+    def _grown_size(self, index: int) -> tuple[int, float]:
+        """(parameters, FLOPs per step) of the model after event ``index``; built once per event, not per step."""
+        cache = self._grown_size_cache
+        if index not in cache:
+            ev = self.op_events[index]
+            big = dict(self.stage_cfg.to_dict())
+            big["n_embd" if ev.operator == "width" else "n_layer"] = ev.new
+            if ev.operator == "width":
+                big["n_head"] = self.stage_cfg.n_head * ev.factor
+            with torch.random.fork_rng(devices=[]):
+                large = build_model(ModelConfig.from_dict(big), big["n_layer"])
+            cache[index] = (sum(p.numel() for p in large.parameters()),
+                            train_step_flops(large, big["n_layer"], self.cfg.seq_len, self.tokens_per_step))
+        return cache[index]
+
     def _maybe_fire_auto(self) -> None:
         """@auto growth (staged_schedule.should_grow): fire the next event when growing pays by the slope rule."""
         st = self.state
@@ -516,14 +533,7 @@ class Trainer:
         if len(self._history) < self.cfg.auto_window:
             return  # the slope is fitted on a full window of the current stage
         ev = self.op_events[nxt]
-        big = dict(self.stage_cfg.to_dict())
-        big["n_embd" if ev.operator == "width" else "n_layer"] = ev.new
-        if ev.operator == "width":
-            big["n_head"] = self.stage_cfg.n_head * ev.factor
-        with torch.random.fork_rng(devices=[]):
-            large = build_model(ModelConfig.from_dict(big), big["n_layer"])
-        n_large = sum(p.numel() for p in large.parameters())
-        flops_large = train_step_flops(large, big["n_layer"], self.cfg.seq_len, self.tokens_per_step)
+        n_large, flops_large = self._grown_size(nxt)
         if should_grow([f for f, _ in self._history], [v for _, v in self._history], n_large, flops_large,
                        window=self.cfg.auto_window, margin=self.cfg.auto_margin):
             st.auto_fired.append(self.position())
