@@ -23,6 +23,7 @@ DEPTH_METHODS = ("apollo", "progressive", "stack")  # grow physical blocks, opti
 OPERATOR_METHODS = ("staged", "bert2bert", "ligo")  # grow the whole training state with growth operators
 SAMPLERS = ("lvps", "es", "us", "fs", "none")
 LAYER_MAPS = ("interpolate", "stack")
+PARALLEL = ("ddp", "fsdp")
 
 # name: (n_layer, n_embd, n_head, seq_len, vocab_size)
 PRESETS: dict[str, tuple[int, int, int, int, int]] = {
@@ -179,6 +180,9 @@ class RunConfig:
     dtype: str = _opt("compute precision: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
                       default="auto", choices=("auto", "fp32", "bf16"), group="system")
     compile: bool = _opt("torch.compile each block and the head separately", default=False, group="system")
+    parallel: str = _opt("under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: parameters, "
+                         "gradients and optimizer state sharded across the processes); ignored with one process",
+                         default="ddp", choices=PARALLEL, group="system")
     threads: int | None = _opt("CPU threads for torch (default: torch's choice)", group="system")
     progress: bool = _opt("show a progress bar", default=True, group="system")
     log_to: list[str] = _opt("also log metrics to: tensorboard and/or wandb (off by default; needs the package)",
@@ -288,6 +292,9 @@ class RunConfig:
         bad = [t for t in c.log_to if t not in ("tensorboard", "wandb")]
         if bad:
             raise UserError(f"--log-to {' '.join(bad)}: choose tensorboard and/or wandb")
+        if c.parallel not in PARALLEL:
+            raise UserError(f"unknown --parallel {c.parallel!r}: choose ddp (replicate the model on every process) "
+                            "or fsdp (shard it across the processes)")
         if c.threads is not None and c.threads < 1:
             raise UserError(f"--threads must be at least 1, got {c.threads}")
         if c.method in ("bert2bert", "ligo"):

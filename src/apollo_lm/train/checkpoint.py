@@ -3,7 +3,8 @@
 Each holds ``model.safetensors`` (weights by parameter name), ``optimizer.safetensors`` (AdamW moments and
 step counts by parameter name), ``rng.pt`` (torch RNG states), ``state.json`` (step, tokens, FLOPs, wall
 time, stage, physical blocks, depth-sampler state), ``config.json`` (the resolved run config) and
-``model.json`` (the architecture).
+``model.json`` (the architecture). A run sharded with FSDP gathers the whole tensors first, so its checkpoints are
+the same files a single process writes.
 """
 
 from __future__ import annotations
@@ -20,15 +21,21 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from .wrap import full
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers by name; tied weights appear once (under their first name)."""
-    sd = {name: p.detach() for name, p in model.named_parameters()}
+def model_state(model: nn.Module, cpu: bool = False) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by name; tied weights appear once (under their first name).
+
+    A model sharded with FSDP gives its whole tensors, gathered one by one (then every rank must call this),
+    so the names and shapes are those of the unsharded model; ``cpu`` moves each gathered tensor to the CPU.
+    """
+    sd = {name: full(p.detach(), cpu) for name, p in model.named_parameters()}
     for name, b in model.named_buffers():
-        sd.setdefault(name, b.detach())
+        if name not in sd:
+            sd[name] = full(b.detach(), cpu)
     return sd
 
 

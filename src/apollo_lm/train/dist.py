@@ -3,7 +3,8 @@
 A run launched by ``torchrun --nproc_per_node N -m apollo_lm train ...`` finds RANK / WORLD_SIZE /
 LOCAL_RANK in its environment. Rank r draws micro-batch ``micro * world + r`` of each step, so the N ranks of
 a step see disjoint batches and together see exactly what one process with ``grad_accum * N`` would see.
-Every rank draws the same depth from the same seeded stream; only rank 0 writes files.
+Every rank draws the same depth from the same seeded stream; only rank 0 writes files. The model is replicated
+with DDP (``--parallel ddp``) or sharded with FSDP2 (``--parallel fsdp``, :func:`.wrap.shard_model`).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from .flops import peak_flops, train_step_flops
 from .metrics import ExternalLoggers, MetricsWriter, require_logger_packages, truncate_metrics
 from .optim import (build_optimizer, flatten_optimizer_state, load_named_optimizer_state, lr_at,
                     named_optimizer_state, unflatten_optimizer_state)
-from .wrap import autocast_dtype, prepare_model, resolve_device
+from .wrap import autocast_dtype, prepare_model, reshard, resolve_device, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class Trainer:
         self._stop_signal: str | None = None
         self.dist = DistInfo()
         self.ddp: nn.Module | None = None  # the DDP wrapper when several processes train together
+        self.sharded = False  # --parallel fsdp with several processes: the model itself is sharded (FSDP2)
+        self.param_dtype: torch.dtype | None = None  # FSDP2 mixed precision (instead of autocast)
         self._grown_size_cache: dict[int, tuple[int, float]] = {}  # @auto: size of the model each event makes
 
     # ------------------------------------------------------------------ setup
@@ -133,6 +135,12 @@ class Trainer:
         if not self.dist.is_main:
             logging.getLogger("apollo_lm").setLevel(logging.WARNING)
         self.amp = autocast_dtype(cfg.dtype, self.device)
+        self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
+        if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
+            self.mesh = init_device_mesh(self.device.type, (self.dist.world,))
+            # bf16 compute on fp32 sharded master weights, gradients reduced in fp32: FSDP2's mixed precision
+            self.param_dtype, self.amp = self.amp, None
         if cfg.log_to and self.dist.is_main:
             require_logger_packages(cfg.log_to)
         tok = load_tokenizer(str(self.run_dir / "tokenizer.json")) if self.resume else None
@@ -298,12 +306,13 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             target = build_model(self.mcfg).to(self.device)
         calls = {"k": 0}
+        amp = autocast_dtype(cfg.dtype, self.device)  # the operator trains an unsharded model (under FSDP too)
 
         def loss_fn(weights):
             # a fresh batch per operator step, from a stream the training batches never use
             batch = self.batcher.get(st.step, 1_000_000 + calls["k"]).to(self.device)
             calls["k"] += 1
-            with _autocast(self.device, self.amp):
+            with _autocast(self.device, amp):
                 return functional_call(target, weights, (batch.x, batch.y))[1]
 
         r = ligo.grow(w, c, self.mcfg.n_embd, self.mcfg.n_layer, loss_fn, steps=cfg.ligo_steps, lr=1e-3,
@@ -335,7 +344,9 @@ class Trainer:
             load_model_state(model, weights)
         self.model = prepare_model(model, self.device, cfg.compile)
         self.model.train()
-        if self.dist.enabled:  # rebuilt with the model after every growth step
+        if self.sharded:  # FSDP2: resharded after every growth step, like the DDP wrapper is rebuilt
+            shard_model(self.model, self.mesh, self.param_dtype)
+        elif self.dist.enabled:  # rebuilt with the model after every growth step
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device)
@@ -381,11 +392,14 @@ class Trainer:
             torch.set_rng_state(ck["rng"]["torch"])
             if self.device.type == "cuda" and "cuda" in ck["rng"]:
                 torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
-        truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+        if self.dist.is_main:  # one writer: another rank replacing the file would hide rank 0's new lines
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+        barrier(self.dist)
         if self.cfg.method == "staged" and (self.run_dir / "metrics.jsonl").exists():
             from .metrics import read_metrics  # the @auto rule's loss history of the current stage
             self._history = [(r["flops"], r["train_loss"]) for r in read_metrics(self.run_dir / "metrics.jsonl")
-                             if r.get("stage") == self.state.stage and not r.get("skipped")]
+                             if r.get("stage") == self.state.stage and not r.get("skipped")
+                             and r.get("step", 0) <= self.state.step]
         log.info("resumed %s at step %d (%d blocks)", self.run_dir, self.state.step, self.state.n_blocks)
 
     def save(self) -> Path:
@@ -399,11 +413,15 @@ class Trainer:
         st["world_size"] = self.dist.world
         st["target_model"] = self.mcfg.to_dict()
         path = None
+        weights = optim = None
+        if self.dist.is_main or self.sharded:  # FSDP: every rank takes part in gathering the whole tensors
+            weights = model_state(self.model, cpu=self.sharded)
+            optim = flatten_optimizer_state(named_optimizer_state(self.optimizer, self.model, cpu=self.sharded))
         if self.dist.is_main:  # DDP keeps weights and optimizer state identical on every rank
-            path = save_checkpoint(self.run_dir, self.state.step, model_state(self.model),
-                                   flatten_optimizer_state(named_optimizer_state(self.optimizer, self.model)), rng,
-                                   st, self.cfg.to_dict(), self.stage_cfg.to_dict() | {"n_blocks": self.state.n_blocks},
+            path = save_checkpoint(self.run_dir, self.state.step, weights, optim, rng, st, self.cfg.to_dict(),
+                                   self.stage_cfg.to_dict() | {"n_blocks": self.state.n_blocks},
                                    self.cfg.keep_checkpoints)
+        del weights, optim
         barrier(self.dist)
         return path or latest_checkpoint(self.run_dir)
 
@@ -426,6 +444,12 @@ class Trainer:
         """Each rank scores its share of the fixed validation batches; the token-weighted mean over all."""
         mine = self.valid_batches[self.dist.rank::self.dist.world]
         total, count = evaluate_sums(self.model, mine, self.device, self.amp, lmap)
+        if self.sharded:
+            # FSDP forwards are collective: a rank with fewer batches runs extra, uncounted ones; then the
+            # gathered parameters are freed so that the model holds the sharded ones the optimizer updates
+            extra = -(-len(self.valid_batches) // self.dist.world) - len(mine)
+            evaluate_sums(self.model, self.valid_batches[:extra], self.device, self.amp, lmap)
+            reshard(self.model)
         total, count = all_reduce_sum(self.dist, [total, count], self.device)
         return total / max(1.0, count)
 
@@ -580,8 +604,11 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             # rank r takes micro-batch micro * world + r: disjoint across ranks, the same data as one process
             batch = self.batcher.get(st.step, micro * self.dist.world + self.dist.rank).to(self.device)
-            sync = self.ddp is None or micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), _autocast(self.device, self.amp):
+            last = micro == cfg.grad_accum - 1  # gradients are reduced across ranks once, after the last
+            if self.sharded:
+                self.model.set_requires_gradient_sync(last)
+            no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with no_sync, _autocast(self.device, self.amp):
                 _, loss = net(batch.x, batch.y, layer_map=lmap)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()

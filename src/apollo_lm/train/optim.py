@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .wrap import full, shard_like
+
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     device: torch.device) -> torch.optim.AdamW:
@@ -22,13 +24,15 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **kwargs)
 
 
-def named_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """{parameter name: {'exp_avg', 'exp_avg_sq', 'step'}} for every parameter that has state."""
+def named_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module,
+                          cpu: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """{parameter name: {'exp_avg', 'exp_avg_sq', 'step'}} for every parameter that has state; whole tensors
+    under FSDP (gathered: every rank must call this), on the CPU when ``cpu``."""
     out = {}
     for name, p in model.named_parameters():
         st = opt.state.get(p)
         if st:
-            out[name] = {k: v for k, v in st.items() if torch.is_tensor(v)}
+            out[name] = {k: full(v, cpu) for k, v in st.items() if torch.is_tensor(v)}
     return out
 
 
@@ -42,8 +46,8 @@ def load_named_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module,
         for k, v in st.items():
             if k == "step":  # AdamW keeps step counts on the CPU unless fused or capturable
                 new[k] = v.detach().to(dtype=torch.float32, device=p.device if _fused(opt) else "cpu").clone()
-            else:
-                new[k] = v.detach().to(device=p.device, dtype=p.dtype).clone()
+            else:  # sharded like the parameter under FSDP
+                new[k] = shard_like(v.detach().to(device=p.device, dtype=p.dtype).clone(), p)
         opt.state[p] = new
 
 
