@@ -20,7 +20,8 @@ from .errors import UserError
 log = logging.getLogger("apollo_lm")
 
 # options that may change when a run is resumed (they do not change what is computed)
-RESUME_OVERRIDES = {"device", "progress", "threads", "compile", "parallel", "cache_dir", "log_to", "wandb_project"}
+RESUME_OVERRIDES = {"device", "progress", "threads", "compile", "parallel", "checkpoint_format", "cache_dir", "log_to",
+                    "wandb_project"}
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ OPERATOR_METHODS = ("staged", "bert2bert", "ligo")  # grow the whole training st
 SAMPLERS = ("lvps", "es", "us", "fs", "none")
 LAYER_MAPS = ("interpolate", "stack")
 PARALLEL = ("ddp", "fsdp")
+CHECKPOINT_FORMATS = ("dcp", "full")
 
 # name: (n_layer, n_embd, n_head, seq_len, vocab_size)
 PRESETS: dict[str, tuple[int, int, int, int, int]] = {
@@ -183,6 +184,11 @@ class RunConfig:
     parallel: str = _opt("under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: parameters, "
                          "gradients and optimizer state sharded across the processes); ignored with one process",
                          default="ddp", choices=PARALLEL, group="system")
+    checkpoint_format: str = _opt("checkpoints of an FSDP run: dcp (each process writes its own shards with "
+                                  "torch.distributed.checkpoint; nothing is gathered) or full (the whole tensors "
+                                  "gathered into the single-process safetensors files); eval, export and resume read "
+                                  "both; ignored without --parallel fsdp", default="dcp", choices=CHECKPOINT_FORMATS,
+                                  group="system")
     threads: int | None = _opt("CPU threads for torch (default: torch's choice)", group="system")
     progress: bool = _opt("show a progress bar", default=True, group="system")
     log_to: list[str] = _opt("also log metrics to: tensorboard and/or wandb (off by default; needs the package)",
@@ -295,6 +301,9 @@ class RunConfig:
         if c.parallel not in PARALLEL:
             raise UserError(f"unknown --parallel {c.parallel!r}: choose ddp (replicate the model on every process) "
                             "or fsdp (shard it across the processes)")
+        if c.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise UserError(f"unknown --checkpoint-format {c.checkpoint_format!r}: choose dcp (each process writes "
+                            "its own shards) or full (gathered into single-process files)")
         if c.threads is not None and c.threads < 1:
             raise UserError(f"--threads must be at least 1, got {c.threads}")
         if c.method in ("bert2bert", "ligo"):

@@ -3,8 +3,17 @@
 Each holds ``model.safetensors`` (weights by parameter name), ``optimizer.safetensors`` (AdamW moments and
 step counts by parameter name), ``rng.pt`` (torch RNG states), ``state.json`` (step, tokens, FLOPs, wall
 time, stage, physical blocks, depth-sampler state), ``config.json`` (the resolved run config) and
-``model.json`` (the architecture). A run sharded with FSDP gathers the whole tensors first, so its checkpoints are
-the same files a single process writes.
+``model.json`` (the architecture).
+
+A run sharded with FSDP (``--parallel fsdp``, ``--checkpoint-format dcp``, the default) writes no safetensors: every
+rank writes its own shards of the weights and AdamW state with ``torch.distributed.checkpoint`` (DCP) into
+``dcp/`` (``model.<name>`` and ``optim.state.<name>.<moment>``, the optimizer state keyed by parameter name by
+``get_optimizer_state_dict``), then rank 0 writes the other files, ``state.json`` last (its ``checkpoint_format``
+says ``dcp``) and renames the directory into place, so nothing is gathered. A sharded resume loads the shards
+straight into the sharded model and optimizer (:func:`load_dcp_into`); everything else (eval, export, generate,
+a DDP or single-process resume) reads them with :func:`read_checkpoint`, which returns whole tensors without a
+process group, the same dicts as for safetensors. ``--checkpoint-format full`` gathers the whole tensors and writes
+the single-process files instead.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +34,9 @@ from ..errors import UserError
 from .wrap import full
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
+FORMAT_FULL, FORMAT_DCP = "full", "dcp"
+CHECKPOINT_FORMATS = (FORMAT_FULL, FORMAT_DCP)
+DCP_DIR = "dcp"  # the sharded tensors of a DCP checkpoint, inside its directory
 
 
 def model_state(model: nn.Module, cpu: bool = False) -> dict[str, torch.Tensor]:
@@ -80,19 +93,30 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, weights: dict[str, torch.Tensor],
-                    optimizer: dict[str, torch.Tensor] | None, rng: dict[str, Any], state: dict[str, Any],
-                    config: dict[str, Any], model_config: dict[str, Any], keep: int) -> Path:
+def _temp_dir(run_dir: str | os.PathLike, step: int) -> tuple[Path, Path]:
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}"
+    return root / f".tmp-step_{step:08d}", root / f"step_{step:08d}"
+
+
+def _fresh_temp_dir(tmp: Path) -> None:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+
+
+def _write_failed(run_dir: str | os.PathLike, final: Path, e: BaseException) -> UserError:
+    kept = latest_checkpoint(run_dir)
+    why = e.strerror if isinstance(e, OSError) and e.strerror else e
+    return UserError(f"could not write checkpoint {final} ({why}); "
+                     + (f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists")
+                     + ": free disk space or fix the permissions of the run directory, then resume with "
+                     f"`apollo train --resume {run_dir}`")
+
+
+def _finish(run_dir: str | os.PathLike, tmp: Path, final: Path, rng: dict[str, Any], state: dict[str, Any],
+            config: dict[str, Any], model_config: dict[str, Any], keep: int) -> Path:
+    """The small files, ``state.json`` last (it marks the directory complete), the rename into place, pruning."""
     try:
-        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
-        if optimizer is not None:
-            save_file({k: v.contiguous().cpu() for k, v in optimizer.items()}, tmp / "optimizer.safetensors")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         (tmp / "model.json").write_text(json.dumps(model_config, indent=1))
@@ -102,11 +126,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, weights: dict[str, to
         os.rename(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = latest_checkpoint(run_dir)
-        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); "
-                        + (f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists")
-                        + ": free disk space or fix the permissions of the run directory, then resume with "
-                        f"`apollo train --resume {run_dir}`") from None
+        raise _write_failed(run_dir, final, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -115,19 +135,134 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, weights: dict[str, to
     return final
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Everything in a checkpoint directory; a damaged one is a :class:`UserError`."""
+def save_checkpoint(run_dir: str | os.PathLike, step: int, weights: dict[str, torch.Tensor],
+                    optimizer: dict[str, torch.Tensor] | None, rng: dict[str, Any], state: dict[str, Any],
+                    config: dict[str, Any], model_config: dict[str, Any], keep: int) -> Path:
+    """The single-process format (whole tensors in safetensors files), written by one process."""
+    tmp, final = _temp_dir(run_dir, step)
+    try:
+        _fresh_temp_dir(tmp)
+        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
+        if optimizer is not None:
+            save_file({k: v.contiguous().cpu() for k, v in optimizer.items()}, tmp / "optimizer.safetensors")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(run_dir, final, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _finish(run_dir, tmp, final, rng, state | {"checkpoint_format": FORMAT_FULL}, config, model_config, keep)
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What DCP writes and loads: the model's own (sharded) parameters and buffers under the names of
+    :func:`model_state` (tied weights once), and the optimizer state keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    for name, b in model.named_buffers():
+        weights.setdefault(name, b)
+    return {"model": weights, "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_dcp_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        rng: dict[str, Any], state: dict[str, Any], config: dict[str, Any],
+                        model_config: dict[str, Any], keep: int, is_main: bool) -> Path | None:
+    """A sharded (FSDP) checkpoint; every rank calls this. Each rank writes its own shards into ``dcp/`` of the
+    temporary directory; after a barrier rank 0 writes the other files and renames the directory into place (and
+    returns its path; the other ranks return None)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    tmp, final = _temp_dir(run_dir, step)
+    failed: BaseException | None = None
+    if is_main:
+        try:
+            _fresh_temp_dir(tmp)
+            (tmp / DCP_DIR).mkdir()
+        except OSError as e:
+            failed = e
+    why = [None if failed is None else str(failed.strerror or failed)]
+    dist.broadcast_object_list(why, src=0)  # also the barrier: the directory exists before any rank writes
+    if why[0] is None:
+        try:
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / DCP_DIR)
+        except Exception as e:  # DCP raises on every rank when one rank's write fails
+            failed = e
+        dist.barrier()  # every rank's shards are written (and rank 0's .metadata) before the rename
+    if failed is not None or why[0] is not None:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(run_dir, final, failed or OSError(why[0])) from None
+    if not is_main:
+        return None
+    return _finish(run_dir, tmp, final, rng, state | {"checkpoint_format": FORMAT_DCP}, config, model_config, keep)
+
+
+def load_dcp_into(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a DCP checkpoint's shards straight into a sharded model and its optimizer (every rank calls this;
+    nothing is gathered). The model must have the checkpoint's architecture."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    sd = _dcp_state(model, optimizer)
+    dcp.load(sd, checkpoint_id=Path(path) / DCP_DIR)  # in place, into each rank's shards of the parameters
+    set_optimizer_state_dict(model, optimizer, sd["optim"])
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """``full`` (safetensors) or ``dcp`` (sharded), from the checkpoint's ``state.json``."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError):
+        return FORMAT_FULL
+    return state.get("checkpoint_format", FORMAT_FULL)
+
+
+def _read_dcp_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Whole tensors of a DCP checkpoint, without a process group: the weights by name and the flat optimizer
+    state (``name::moment``), as the safetensors files give them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    meta = reader.read_metadata().state_dict_metadata
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+          if isinstance(m, TensorStorageMetadata) and (k.startswith("model.") or k.startswith("optim.state."))}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, storage_reader=reader, no_dist=True)
+    weights = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    optim = {}
+    for k, v in sd.items():
+        if k.startswith("optim.state."):
+            name, moment = k[len("optim.state."):].rsplit(".", 1)
+            optim[f"{name}::{moment}"] = v
+    return weights, optim
+
+
+def read_checkpoint(path: str | os.PathLike, tensors: bool = True) -> dict[str, Any]:
+    """Everything in a checkpoint directory, either format (whole tensors, no process group needed); a damaged
+    one is a :class:`UserError`. ``tensors=False`` leaves out the weights and optimizer state (None): a sharded
+    resume loads them with :func:`load_dcp_into`."""
     p = Path(path)
     try:
         out = {
             "state": json.loads((p / "state.json").read_text()),
             "config": json.loads((p / "config.json").read_text()),
             "model_config": json.loads((p / "model.json").read_text()),
-            "weights": load_file(p / "model.safetensors"),
-            "optimizer": load_file(p / "optimizer.safetensors") if (p / "optimizer.safetensors").exists()
-            else None,
+            "weights": None,
+            "optimizer": None,
             "rng": torch.load(p / "rng.pt", weights_only=False) if (p / "rng.pt").exists() else None,
         }
+        out["format"] = out["state"].get("checkpoint_format", FORMAT_FULL)
+        if tensors and out["format"] == FORMAT_DCP:
+            if not (p / DCP_DIR / ".metadata").is_file():
+                raise FileNotFoundError(2, "missing", str(p / DCP_DIR / ".metadata"))
+            out["weights"], out["optimizer"] = _read_dcp_tensors(p / DCP_DIR)
+        elif tensors:
+            out["weights"] = load_file(p / "model.safetensors")
+            if (p / "optimizer.safetensors").exists():
+                out["optimizer"] = load_file(p / "optimizer.safetensors")
     except FileNotFoundError as e:
         raise UserError(f"checkpoint {p} is incomplete ({Path(e.filename).name} is missing): resume from an "
                         "earlier checkpoint by deleting this one") from None

@@ -35,8 +35,8 @@ from ..growth.schedule import StageSchedule
 from ..growth.staged_schedule import GrowthEvent, initial_config, parse_staged_stages, should_grow
 from ..models import build_model
 from .dist import DistInfo, all_reduce_sum, barrier, init_distributed
-from .checkpoint import (latest_checkpoint, load_model_state, model_state, read_checkpoint, save_checkpoint,
-                         write_json)
+from .checkpoint import (FORMAT_DCP, checkpoint_format, latest_checkpoint, load_dcp_into, load_model_state, model_state,
+                         read_checkpoint, save_checkpoint, save_dcp_checkpoint, write_json)
 from .flops import peak_flops, train_step_flops
 from .metrics import ExternalLoggers, MetricsWriter, require_logger_packages, truncate_metrics
 from .optim import (build_optimizer, flatten_optimizer_state, load_named_optimizer_state, lr_at,
@@ -371,7 +371,8 @@ class Trainer:
         if path is None:
             raise UserError(f"{self.run_dir} has no complete checkpoint to resume from: start it again without "
                             "--resume (remove the directory first)")
-        ck = read_checkpoint(path)
+        # a sharded run loads a DCP checkpoint's shards below, straight into its own shards
+        ck = read_checkpoint(path, tensors=not (self.sharded and checkpoint_format(path) == FORMAT_DCP))
         st = ck["state"]
         mc = ModelConfig.from_dict(ck["model_config"])
         target = ModelConfig.from_dict(st["target_model"]) if "target_model" in st else mc
@@ -386,7 +387,12 @@ class Trainer:
                             "on it")
         self.state = TrainState(**{k: v for k, v in st.items() if k in TrainState.__dataclass_fields__})
         opt = unflatten_optimizer_state(ck["optimizer"]) if ck["optimizer"] is not None else None
-        self._build(self.state.n_blocks, ck["weights"], opt)
+        if ck["weights"] is None:  # DCP under FSDP: every rank reads its own shards, nothing is gathered
+            with torch.random.fork_rng(devices=[]):
+                self._build(self.state.n_blocks, None, None)
+            load_dcp_into(path, self.model, self.optimizer)
+        else:
+            self._build(self.state.n_blocks, ck["weights"], opt)
         self.sampler_rng = rng_from_state(self.state.sampler_rng)
         if ck["rng"] is not None:
             torch.set_rng_state(ck["rng"]["torch"])
@@ -414,10 +420,14 @@ class Trainer:
         st["target_model"] = self.mcfg.to_dict()
         path = None
         weights = optim = None
-        if self.dist.is_main or self.sharded:  # FSDP: every rank takes part in gathering the whole tensors
+        if self.sharded and self.cfg.checkpoint_format == FORMAT_DCP:  # every rank writes its own shards
+            path = save_dcp_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer, rng, st,
+                                       self.cfg.to_dict(), self.stage_cfg.to_dict() | {"n_blocks": self.state.n_blocks},
+                                       self.cfg.keep_checkpoints, self.dist.is_main)
+        elif self.dist.is_main or self.sharded:  # --checkpoint-format full: every rank takes part in gathering
             weights = model_state(self.model, cpu=self.sharded)
             optim = flatten_optimizer_state(named_optimizer_state(self.optimizer, self.model, cpu=self.sharded))
-        if self.dist.is_main:  # DDP keeps weights and optimizer state identical on every rank
+        if weights is not None and self.dist.is_main:  # DDP keeps weights and optimizer state the same on every rank
             path = save_checkpoint(self.run_dir, self.state.step, weights, optim, rng, st, self.cfg.to_dict(),
                                    self.stage_cfg.to_dict() | {"n_blocks": self.state.n_blocks},
                                    self.cfg.keep_checkpoints)
