@@ -7,7 +7,8 @@ recompiling. After growth the loop builds a fresh model and calls :func:`prepare
 
 Under FSDP2 the parameters of the sharded model are DTensors: :func:`full` gathers one into an ordinary tensor
 (a collective: every rank must call it, in the same order), so that weights and optimizer state keep their
-single-process names and shapes for growth and checkpoints.
+single-process names and shapes for growth and for ``--checkpoint-format full``; the default FSDP checkpoint
+(DCP, ``train/checkpoint.py``) writes each rank's shards without gathering.
 """
 
 from __future__ import annotations
