@@ -18,11 +18,13 @@ the single-process files instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +115,24 @@ def _write_failed(run_dir: str | os.PathLike, final: Path, e: BaseException) -> 
                      f"`apollo train --resume {run_dir}`")
 
 
+@contextlib.contextmanager
+def _writing(run_dir: str | os.PathLike, tmp: Path, final: Path) -> Iterator[None]:
+    """Writing into ``tmp``: on any failure it is removed, and an OSError (disk full, permissions) becomes one
+    :class:`UserError` that names the checkpoint kept."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(run_dir, final, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _finish(run_dir: str | os.PathLike, tmp: Path, final: Path, rng: dict[str, Any], state: dict[str, Any],
             config: dict[str, Any], model_config: dict[str, Any], keep: int) -> Path:
     """The small files, ``state.json`` last (it marks the directory complete), the rename into place, pruning."""
-    try:
+    with _writing(run_dir, tmp, final):
         torch.save(rng, tmp / "rng.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         (tmp / "model.json").write_text(json.dumps(model_config, indent=1))
@@ -124,12 +140,6 @@ def _finish(run_dir: str | os.PathLike, tmp: Path, final: Path, rng: dict[str, A
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_failed(run_dir, final, e) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -140,17 +150,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, weights: dict[str, to
                     config: dict[str, Any], model_config: dict[str, Any], keep: int) -> Path:
     """The single-process format (whole tensors in safetensors files), written by one process."""
     tmp, final = _temp_dir(run_dir, step)
-    try:
+    with _writing(run_dir, tmp, final):
         _fresh_temp_dir(tmp)
         save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
         if optimizer is not None:
             save_file({k: v.contiguous().cpu() for k, v in optimizer.items()}, tmp / "optimizer.safetensors")
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_failed(run_dir, final, e) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return _finish(run_dir, tmp, final, rng, state | {"checkpoint_format": FORMAT_FULL}, config, model_config, keep)
 
 
