@@ -65,7 +65,7 @@ class Stepper:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        float(loss)
+        float(loss.detach())
         return time.perf_counter() - t0
 
 
@@ -75,9 +75,13 @@ def main() -> int:
     p.add_argument("--depths", default="1,3,6,12")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (after 3 warm-up steps)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", choices=("size", "on", "off"), default="size",
+                   help="per-block torch.compile: as the size says (GPU sizes on, cpu off), or forced")
     p.add_argument("--out", default=None, help="JSON file for the results")
     a = p.parse_args()
     size = SIZES[a.size]
+    if a.compile != "size":
+        size = size | {"compile": a.compile == "on"}
     if size["device"] == "cuda" and not torch.cuda.is_available():
         print(f"error: --size {a.size} needs a CUDA GPU; use --size cpu", file=sys.stderr)
         return 2
