@@ -17,7 +17,8 @@ def _fake_run(path, method, evals, **model):
     (path / "model.json").write_text(json.dumps({"family": "gpt", "n_layer": 4, "n_embd": 32, "n_head": 2,
                                                  "vocab_size": 300, **model}))
     (path / "data.json").write_text(json.dumps({"train_sources": ["t"], "valid_sources": ["v"],
-                                                "cache_key": "k"}))
+                                                "cache_key": "k", "train_tokens": 1000, "valid_tokens": 100}))
+    (path / "tokenizer.json").write_text('{"model": "same"}')
     rows = [{"step": i + 1, "flops": f, "wall": w, "val_loss": v, "depth": 1, "n_blocks": 1}
             for i, (f, w, v) in enumerate(evals)]
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -54,6 +55,18 @@ def test_refuses_incomparable_runs(tmp_path):
     other = _fake_run(tmp_path / "o", "apollo", [(100, 10, 5.0)], n_embd=64)
     with pytest.raises(UserError, match="differ in target model"):
         compare(scratch, [other])
+    # the same data copied elsewhere (another cache key: the files' times differ) still compares ...
+    copy = _fake_run(tmp_path / "c", "apollo", [(100, 10, 5.0)])
+    copy.data["cache_key"] = "other-mtime"
+    compare(scratch, [copy])
+    # ... but another tokenizer or other token counts do not
+    (tmp_path / "c" / "tokenizer.json").write_text('{"model": "other"}')
+    with pytest.raises(UserError, match="differ in tokenized data or tokenizer"):
+        compare(scratch, [copy])
+    copy.data["train_tokens"] = 999
+    (tmp_path / "c" / "tokenizer.json").write_text('{"model": "same"}')
+    with pytest.raises(UserError, match="differ in tokenized data or tokenizer"):
+        compare(scratch, [copy])
     with pytest.raises(UserError, match="not a finished run"):
         load_run_metrics(tmp_path / "missing")
 

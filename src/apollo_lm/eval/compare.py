@@ -10,6 +10,7 @@ Reads only each run's ``config.json``, ``model.json``, ``data.json`` and ``metri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -59,6 +60,14 @@ def load_run_metrics(path: str | os.PathLike) -> Run:
     return run
 
 
+def _data_identity(run: Run) -> tuple:
+    """What the tokenized data is, by content: the tokenizer's file and the token counts of both splits. The token
+    cache key is not used: it includes the files' modification times, which a copy of the same data changes."""
+    tok = run.path / "tokenizer.json"
+    digest = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None
+    return digest, run.data.get("train_tokens"), run.data.get("valid_tokens")
+
+
 def check_comparable(scratch: Run, other: Run) -> None:
     """Refuse runs that differ in data, tokenizer, target model or validation set."""
     checks = [
@@ -67,7 +76,7 @@ def check_comparable(scratch: Run, other: Run) -> None:
                             scratch.config.get("eval_batches"), scratch.config.get("seq_len")),
          (other.data.get("valid_sources"), other.data.get("valid_fraction"), other.config.get("eval_batches"),
           other.config.get("seq_len"))),
-        ("tokenized data or tokenizer", scratch.data.get("cache_key"), other.data.get("cache_key")),
+        ("tokenized data or tokenizer", _data_identity(scratch), _data_identity(other)),
         ("target model", {k: scratch.model.get(k) for k in ("family", "n_layer", "n_embd", "n_head", "vocab_size")},
          {k: other.model.get(k) for k in ("family", "n_layer", "n_embd", "n_head", "vocab_size")}),
     ]
