@@ -41,16 +41,18 @@ CHECKPOINT_FORMATS = (FORMAT_FULL, FORMAT_DCP)
 DCP_DIR = "dcp"  # the sharded tensors of a DCP checkpoint, inside its directory
 
 
-def model_state(model: nn.Module, cpu: bool = False) -> dict[str, torch.Tensor]:
+def model_state(model: nn.Module, cpu: bool = False, gather: bool = True) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers by name; tied weights appear once (under their first name).
 
     A model sharded with FSDP gives its whole tensors, gathered one by one (then every rank must call this),
     so the names and shapes are those of the unsharded model; ``cpu`` moves each gathered tensor to the CPU.
+    ``gather=False`` keeps each rank's shards (what DCP writes and loads in place).
     """
-    sd = {name: full(p.detach(), cpu) for name, p in model.named_parameters()}
+    take = (lambda t: full(t.detach(), cpu)) if gather else (lambda t: t.detach())
+    sd = {name: take(p) for name, p in model.named_parameters()}
     for name, b in model.named_buffers():
         if name not in sd:
-            sd[name] = full(b.detach(), cpu)
+            sd[name] = take(b)
     return sd
 
 
@@ -162,10 +164,7 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
     """What DCP writes and loads: the model's own (sharded) parameters and buffers under the names of
     :func:`model_state` (tied weights once), and the optimizer state keyed by parameter name."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    weights = {name: p.detach() for name, p in model.named_parameters()}
-    for name, b in model.named_buffers():
-        weights.setdefault(name, b)
-    return {"model": weights, "optim": get_optimizer_state_dict(model, optimizer)}
+    return {"model": model_state(model, gather=False), "optim": get_optimizer_state_dict(model, optimizer)}
 
 
 def save_dcp_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -213,15 +212,6 @@ def load_dcp_into(path: str | os.PathLike, model: nn.Module, optimizer: torch.op
     set_optimizer_state_dict(model, optimizer, sd["optim"])
 
 
-def checkpoint_format(path: str | os.PathLike) -> str:
-    """``full`` (safetensors) or ``dcp`` (sharded), from the checkpoint's ``state.json``."""
-    try:
-        state = json.loads((Path(path) / "state.json").read_text())
-    except (OSError, ValueError):
-        return FORMAT_FULL
-    return state.get("checkpoint_format", FORMAT_FULL)
-
-
 def _read_dcp_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Whole tensors of a DCP checkpoint, without a process group: the weights by name and the flat optimizer
     state (``name::moment``), as the safetensors files give them."""
@@ -244,10 +234,10 @@ def _read_dcp_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
     return weights, optim
 
 
-def read_checkpoint(path: str | os.PathLike, tensors: bool = True) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, dcp_tensors: bool = True) -> dict[str, Any]:
     """Everything in a checkpoint directory, either format (whole tensors, no process group needed); a damaged
-    one is a :class:`UserError`. ``tensors=False`` leaves out the weights and optimizer state (None): a sharded
-    resume loads them with :func:`load_dcp_into`."""
+    one is a :class:`UserError`. ``dcp_tensors=False`` leaves out a DCP checkpoint's weights and optimizer state
+    (None): a sharded resume loads them with :func:`load_dcp_into`."""
     p = Path(path)
     try:
         out = {
@@ -259,11 +249,12 @@ def read_checkpoint(path: str | os.PathLike, tensors: bool = True) -> dict[str, 
             "rng": torch.load(p / "rng.pt", weights_only=False) if (p / "rng.pt").exists() else None,
         }
         out["format"] = out["state"].get("checkpoint_format", FORMAT_FULL)
-        if tensors and out["format"] == FORMAT_DCP:
+        if out["format"] == FORMAT_DCP:
             if not (p / DCP_DIR / ".metadata").is_file():
                 raise FileNotFoundError(2, "missing", str(p / DCP_DIR / ".metadata"))
-            out["weights"], out["optimizer"] = _read_dcp_tensors(p / DCP_DIR)
-        elif tensors:
+            if dcp_tensors:
+                out["weights"], out["optimizer"] = _read_dcp_tensors(p / DCP_DIR)
+        else:
             out["weights"] = load_file(p / "model.safetensors")
             if (p / "optimizer.safetensors").exists():
                 out["optimizer"] = load_file(p / "optimizer.safetensors")

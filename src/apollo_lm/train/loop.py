@@ -35,7 +35,7 @@ from ..growth.schedule import StageSchedule
 from ..growth.staged_schedule import GrowthEvent, initial_config, parse_staged_stages, should_grow
 from ..models import build_model
 from .dist import DistInfo, all_reduce_sum, barrier, init_distributed
-from .checkpoint import (FORMAT_DCP, checkpoint_format, latest_checkpoint, load_dcp_into, load_model_state, model_state,
+from .checkpoint import (FORMAT_DCP, latest_checkpoint, load_dcp_into, load_model_state, model_state,
                          read_checkpoint, save_checkpoint, save_dcp_checkpoint, write_json)
 from .flops import peak_flops, train_step_flops
 from .metrics import ExternalLoggers, MetricsWriter, require_logger_packages, truncate_metrics
@@ -372,7 +372,7 @@ class Trainer:
             raise UserError(f"{self.run_dir} has no complete checkpoint to resume from: start it again without "
                             "--resume (remove the directory first)")
         # a sharded run loads a DCP checkpoint's shards below, straight into its own shards
-        ck = read_checkpoint(path, tensors=not (self.sharded and checkpoint_format(path) == FORMAT_DCP))
+        ck = read_checkpoint(path, dcp_tensors=not self.sharded)
         st = ck["state"]
         mc = ModelConfig.from_dict(ck["model_config"])
         target = ModelConfig.from_dict(st["target_model"]) if "target_model" in st else mc
