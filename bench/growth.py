@@ -46,40 +46,51 @@ COMMON = ["--lr", "1e-3", "--beta1", "0.9", "--beta2", "0.95", "--weight-decay",
           "--min-lr-ratio", "0.1", "--grad-clip", "1.0", "--eval-batches", "16", "--seed", "1337", "--no-progress",
           "--log-every", "1", "--save-every", "1000000"]
 
+C = ["--schedule", "cosine"]  # the schedule of the runs measured before wsd became the default (2026-11-23)
 METHODS = {
+    # the tool's defaults (warmup-stable-decay; stack = 3 -> 12 at 60 %, 30 % decay)
     "scratch": ["--method", "scratch"],
     "stack": ["--method", "stack"],
     "progressive": ["--method", "progressive"],
     "apollo": ["--method", "apollo"],
-    "progressive-late": ["--method", "progressive", "--grow-at", "0.1,0.2,0.5"],
-    "apollo-late": ["--method", "apollo", "--grow-at", "0.1,0.2,0.5"],
-    "apollo-reset": ["--method", "apollo", "--grow-optimizer-state", "reset"],
-    "apollo-us": ["--method", "apollo", "--sampler", "us"],
-    "apollo-mean": ["--method", "apollo", "--shared-grad", "mean"],
-    "apollo-sample-late": ["--method", "apollo", "--sample-from", "0.5"],
-    # progressive depth growth with staged training's function-preserving depth operator (new blocks start as
-    # the identity, zero projections) instead of interpolation copies
-    "staged-depth-late": ["--method", "staged", "--stages",
-                          "depth:1->3@0.1, depth:3->6@0.2, depth:6->12@0.5"],
-    "staged-depth": ["--method", "staged", "--stages", "depth:1->3@0.05, depth:3->6@0.1, depth:6->12@0.25"],
-    "apollo-late-mean": ["--method", "apollo", "--grow-at", "0.1,0.2,0.5", "--shared-grad", "mean"],
-    # the map type alone: interpolation stages 1,3,6,12 grown (and, for apollo, shared) by stacking
-    "progressive-stack": ["--method", "progressive", "--layer-map", "stack"],
-    "apollo-stack": ["--method", "apollo", "--layer-map", "stack"],
-    "stack-late": ["--method", "stack", "--grow-at", "0.2,0.5"],
-    # the winner's schedule (3 -> 6 -> 12 at 20/50 %, stacking) with Apollo's depth sampling on top
-    "apollo-stack-late": ["--method", "apollo", "--layer-map", "stack", "--stages", "3,6,12", "--grow-at", "0.2,0.5"],
+    # warmup-stable-decay (decay over the last 20 %) with the later 10/20/50 % growth points, and the former
+    # stacking default (3 -> 6 -> 12 at 20/50 %)
+    "scratch-wsd": ["--method", "scratch", "--schedule", "wsd", "--decay", "0.2"],
+    "stack-wsd": ["--method", "stack", "--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12", "--grow-at",
+                  "0.2,0.5"],
     "progressive-wsd": ["--method", "progressive", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"],
-    # warmup-stable-decay (decay over the last 20 %) for the baseline and the growth methods
-    "scratch-wsd": ["--method", "scratch", "--schedule", "wsd"],
-    "stack-wsd": ["--method", "stack", "--schedule", "wsd"],
     "apollo-wsd": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"],
     # one growth late in the stable phase, as zero/one-layer progressive training does (Bu 2025): one block
-    # copied to all 12 at 60 %, or 3 blocks stacked 4 times, then 10 % stable and a 30 % decay
+    # copied to all 12 at 60 %, or 3 blocks stacked 4 times (= today's default stack), then 10 % stable and a
+    # 30 % decay
     "oneshot-wsd": ["--method", "progressive", "--stages", "1,12", "--grow-at", "0.6", "--schedule", "wsd",
                     "--decay", "0.3"],
     "oneshot3-wsd": ["--method", "stack", "--stages", "3,12", "--grow-at", "0.6", "--schedule", "wsd",
                      "--decay", "0.3"],
+    # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
+    "scratch-cos": ["--method", "scratch", *C],
+    "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],
+    "progressive-cos": ["--method", "progressive", *C],
+    "apollo-cos": ["--method", "apollo", *C],
+    "progressive-late": ["--method", "progressive", "--grow-at", "0.1,0.2,0.5", *C],
+    "apollo-late": ["--method", "apollo", "--grow-at", "0.1,0.2,0.5", *C],
+    "apollo-reset": ["--method", "apollo", "--grow-optimizer-state", "reset", *C],
+    "apollo-us": ["--method", "apollo", "--sampler", "us", *C],
+    "apollo-mean": ["--method", "apollo", "--shared-grad", "mean", *C],
+    "apollo-sample-late": ["--method", "apollo", "--sample-from", "0.5", *C],
+    # progressive depth growth with staged training's function-preserving depth operator (new blocks start as
+    # the identity, zero projections) instead of interpolation copies
+    "staged-depth-late": ["--method", "staged", "--stages",
+                          "depth:1->3@0.1, depth:3->6@0.2, depth:6->12@0.5", *C],
+    "staged-depth": ["--method", "staged", "--stages", "depth:1->3@0.05, depth:3->6@0.1, depth:6->12@0.25", *C],
+    "apollo-late-mean": ["--method", "apollo", "--grow-at", "0.1,0.2,0.5", "--shared-grad", "mean", *C],
+    # the map type alone: interpolation stages 1,3,6,12 grown (and, for apollo, shared) by stacking
+    "progressive-stack": ["--method", "progressive", "--layer-map", "stack", *C],
+    "apollo-stack": ["--method", "apollo", "--layer-map", "stack", *C],
+    "stack-late": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.2,0.5", *C],
+    # the former default's schedule (3 -> 6 -> 12 at 20/50 %, stacking) with Apollo's depth sampling on top
+    "apollo-stack-late": ["--method", "apollo", "--layer-map", "stack", "--stages", "3,6,12", "--grow-at", "0.2,0.5",
+                          *C],
 }
 
 
@@ -93,7 +104,7 @@ def main() -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--eval-every", type=int, default=None, help="default: 20 evaluations per run (cpu), 30 (GPU sizes)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="runs at once, each pinned to cpu_count/jobs cores (default: 2 on the cpu size, 1 on GPU sizes)")
+                   help="runs at once, each pinned to cpu_count/jobs cores (default: 2 on cpu, 1 on GPU sizes)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run (e.g. --lr 3e-3)")
     a = p.parse_args()
     size = SIZES[a.size]
@@ -133,7 +144,8 @@ def main() -> int:
     cmd = [sys.executable, "-m", "apollo_lm", "compare", str(scratch), *map(str, others), "--out",
            str(out / "compare")]
     subprocess.run(cmd, env=env, check=True)
-    meta = {"size": a.size, "methods": a.methods, "jobs": a.jobs or (2 if a.size == "cpu" else 1), "args": base, "date": time.strftime("%Y-%m-%d"),
+    jobs = a.jobs or (2 if a.size == "cpu" else 1)
+    meta = {"size": a.size, "methods": a.methods, "jobs": jobs, "args": base, "date": time.strftime("%Y-%m-%d"),
             "device": _device()}
     (out / "bench.json").write_text(json.dumps(meta, indent=1))
     return 0

@@ -125,9 +125,11 @@ class RunConfig:
     lr: float = _opt("peak learning rate", default=1e-3, group="optim")
     min_lr_ratio: float = _opt("final learning rate as a fraction of the peak", default=0.1, group="optim")
     warmup: float = _opt("linear warmup, as a fraction of the budget", default=0.01, group="optim")
-    schedule: str = _opt("learning-rate schedule after warmup", default="cosine", choices=("cosine", "wsd"),
-                         group="optim")
-    decay: float = _opt("wsd: fraction of the budget spent decaying at the end", default=0.2, group="optim")
+    schedule: str = _opt("learning-rate schedule after warmup: wsd (warmup-stable-decay, the default: it beat cosine "
+                         "for scratch and every growth method in our measurements) or cosine", default="wsd",
+                         choices=("cosine", "wsd"), group="optim")
+    decay: float | None = _opt("wsd: fraction of the budget spent decaying linearly at the end (default 0.3 for "
+                               "stack's single late growth, 0.2 otherwise)", group="optim")
     weight_decay: float = _opt("AdamW weight decay (matrices and embeddings only)", default=0.1, group="optim")
     beta1: float = _opt("AdamW beta1", default=0.9, group="optim")
     beta2: float = _opt("AdamW beta2", default=0.95, group="optim")
@@ -226,6 +228,8 @@ class RunConfig:
             c.layer_map = "stack" if c.method == "stack" else "interpolate"
         if c.sampler is None:
             c.sampler = "lvps" if c.method == "apollo" else "none"
+        if c.decay is None:
+            c.decay = 0.3 if c.method == "stack" else 0.2
         if c.method == "staged" and c.stages is None:
             half_d, half_l = c.n_embd // 2, max(1, c.n_layer // 2)
             c.stages = f"width:{half_d}->{c.n_embd}@0.25, depth:{half_l}->{c.n_layer}@0.5"
@@ -268,7 +272,7 @@ class RunConfig:
         for name, lo, hi in (("min_lr_ratio", 0, 1), ("warmup", 0, 0.5), ("decay", 0, 1), ("dropout", 0, 0.9),
                              ("valid_fraction", 0, 0.5), ("beta1", 0, 0.9999), ("beta2", 0, 0.99999)):
             v = getattr(c, name)
-            if not (lo <= v <= hi):
+            if v is not None and not (lo <= v <= hi):
                 raise UserError(f"--{_flag(name)} must be between {lo} and {hi}, got {v}")
         if c.weight_decay < 0 or c.grad_clip < 0:
             raise UserError("--weight-decay and --grad-clip must be >= 0")
@@ -464,13 +468,10 @@ def parse_grow_at(text: str) -> list[tuple[float, str]]:
 
 
 def default_stages(method: str, n_layer: int) -> list[int]:
-    """Apollo's 1 -> 3 -> 6 -> 12 for 12 layers, adapted to other depths; depth doubling for stacking."""
+    """Apollo's 1 -> 3 -> 6 -> 12 for 12 layers, adapted to other depths; for stacking one growth from a quarter
+    of the target depth (3 -> 12), which saved the most compute in our CPU measurements (BENCHMARKS.md)."""
     if method == "stack":
-        # StackBERT doubles the depth at each stage, starting from a quarter of the target
-        s = [n_layer]
-        while s[0] % 2 == 0 and s[0] // 2 >= max(1, n_layer // 4):
-            s.insert(0, s[0] // 2)
-        return s if len(s) > 1 else [max(1, n_layer // 2), n_layer] if n_layer > 1 else [1]
+        return [max(1, n_layer // 4), n_layer] if n_layer > 1 else [1]
     if n_layer == 12:
         return [1, 3, 6, 12]
     stages = sorted({1, max(1, round(n_layer / 4)), max(1, round(n_layer / 2)), n_layer})
@@ -479,8 +480,11 @@ def default_stages(method: str, n_layer: int) -> list[int]:
 
 def default_grow_at(n_stages: int, method: str = "apollo") -> list[float]:
     """Growth points as fractions of the budget, truncated to the number of stages: Apollo's published 5 %, 10 %,
-    25 % for apollo and progressive; for stack the later 10 %, 20 %, 50 % that saved the most in our CPU
-    measurements (BENCHMARKS.md: 61 % of the FLOPs against 46 % at 10/25 %)."""
+    25 % for apollo and progressive; for stack's single growth 60 %, late in the stable phase of the wsd schedule
+    (as zero/one-layer progressive training does), and 10 %, 20 %, 50 % when given more stages (our CPU
+    measurements, BENCHMARKS.md)."""
+    if method == "stack" and n_stages == 2:
+        return [0.6]
     pts = [0.10, 0.20, 0.50] if method == "stack" else [0.05, 0.10, 0.25]
     if n_stages - 1 <= len(pts):
         return pts[len(pts) - (n_stages - 1):] if n_stages > 1 else []
