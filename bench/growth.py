@@ -133,7 +133,8 @@ def main() -> int:
             print(f"[{name}] exists, skipping (delete {run_dir} to rerun)", flush=True)
         else:
             todo.append(name)
-    rc = _run_all(todo, base, out, env, jobs=a.jobs or (2 if a.size == "cpu" else 1))
+    jobs = a.jobs or (2 if a.size == "cpu" else 1)
+    rc = _run_all(todo, base, out, env, jobs=jobs)
     if rc:
         return rc
     if "scratch" not in a.methods:
@@ -144,7 +145,6 @@ def main() -> int:
     cmd = [sys.executable, "-m", "apollo_lm", "compare", str(scratch), *map(str, others), "--out",
            str(out / "compare")]
     subprocess.run(cmd, env=env, check=True)
-    jobs = a.jobs or (2 if a.size == "cpu" else 1)
     meta = {"size": a.size, "methods": a.methods, "jobs": jobs, "args": base, "date": time.strftime("%Y-%m-%d"),
             "device": _device()}
     (out / "bench.json").write_text(json.dumps(meta, indent=1))
@@ -158,6 +158,8 @@ def _run_all(names: list[str], base: list[str], out: Path, env: dict, jobs: int)
     jobs = max(1, min(jobs, len(cores), len(names) or 1))
     per = len(cores) // jobs
     slots = [cores[i * per:(i + 1) * per] for i in range(jobs)]
+    pin = jobs > 1 and hasattr(os, "sched_setaffinity")
+    run_env = dict(env, OMP_NUM_THREADS=str(per)) if jobs > 1 else env
     free, running, queue = list(range(jobs)), {}, list(names)
     while queue or running:
         # start the next run only once every running one has its data ready (it writes metrics.jsonl after
@@ -169,9 +171,8 @@ def _run_all(names: list[str], base: list[str], out: Path, env: dict, jobs: int)
             if jobs > 1:
                 cmd += ["--threads", str(per)]
             print(f"[{name}] {' '.join(cmd[2:])}" + (f"  (cores {slots[slot]})" if jobs > 1 else ""), flush=True)
-            pin = slots[slot] if jobs > 1 and hasattr(os, "sched_setaffinity") else None
-            proc = subprocess.Popen(cmd, env=dict(env, OMP_NUM_THREADS=str(per)) if jobs > 1 else env,
-                                    preexec_fn=(lambda c=pin: os.sched_setaffinity(0, c)) if pin else None)
+            proc = subprocess.Popen(cmd, env=run_env,
+                                    preexec_fn=(lambda c=slots[slot]: os.sched_setaffinity(0, c)) if pin else None)
             running[name] = (proc, slot, time.time())
             ready = jobs == 1
         time.sleep(1)
