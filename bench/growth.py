@@ -67,6 +67,19 @@ METHODS = {
                     "--decay", "0.3"],
     "oneshot3-wsd": ["--method", "stack", "--stages", "3,12", "--grow-at", "0.6", "--schedule", "wsd",
                      "--decay", "0.3"],
+    # depth sampling under WSD: shared gradients averaged over a block's uses instead of summed (the sum's scale
+    # swings with the depth drawn, up to 12x in the 1-block stage, which AdamW's second moment and clipping see);
+    # and LVPS on top of the winning one-growth stack schedule (3 blocks run at sampled depths 3..12 through the
+    # stacking map for 60 %, then stacked to 12), with mean gradients, and sampling only in the stage's 2nd half
+    "apollo-wsd-mean": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--shared-grad",
+                        "mean"],
+    "apollo-oneshot3": ["--method", "apollo", "--layer-map", "stack", "--stages", "3,12", "--grow-at", "0.6",
+                        "--schedule", "wsd", "--decay", "0.3"],
+    "apollo-oneshot3-mean": ["--method", "apollo", "--layer-map", "stack", "--stages", "3,12", "--grow-at", "0.6",
+                             "--schedule", "wsd", "--decay", "0.3", "--shared-grad", "mean"],
+    "apollo-oneshot3-mean-late": ["--method", "apollo", "--layer-map", "stack", "--stages", "3,12", "--grow-at",
+                                  "0.6", "--schedule", "wsd", "--decay", "0.3", "--shared-grad", "mean",
+                                  "--sample-from", "0.5"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],
