@@ -138,3 +138,29 @@ def test_bad_input(runs, tmp_path, capsys):
         (tmp_path / "RTE" / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
     assert run_cli("glue", str(tmp_path), "--task", "RTE", "--data-dir", str(tmp_path)) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not GLUE.is_dir(), reason="GLUE data not available")
+def test_bench_glue_side_by_side(runs, tmp_path, capsys):
+    """bench/glue.py: two runs, two seeds, one table; the per-run scores are the seeds' means."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_glue", Path(__file__).parents[1] / "bench" / "glue.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "glue"
+    assert bench.main([str(runs / "bert"), str(runs / "llama"), "--task", "MRPC", "--data-dir", str(GLUE),
+                       "--seeds", "1", "2", "--max-train", "32", "--max-eval", "16", "--epochs", "1",
+                       "--max-len", "32", "--out", str(out)]) == 0
+    result = json.loads((out / "glue.json").read_text())
+    assert list(result["runs"]) == ["bert", "llama"]
+    for r in result["runs"].values():
+        seeds = [r["seeds"][s]["MRPC"] for s in ("1", "2")]
+        scores = [np.mean(list(m.values())) for m in seeds]
+        assert r["tasks"]["MRPC"]["score"] == pytest.approx(np.mean(scores))
+        assert r["tasks"]["MRPC"]["spread"] == pytest.approx(max(scores) - min(scores))
+    table = (out / "glue.md").read_text().splitlines()
+    assert table[0] == "| task | bert | llama |" and table[2].startswith("| MRPC | ")
+    assert bench.main([str(runs / "bert"), "--task", "MRPC", "--data-dir", str(tmp_path / "none"),
+                       "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
