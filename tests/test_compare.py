@@ -75,14 +75,17 @@ def test_compare_end_to_end(tmp_path, corpus_files, capsys):
     train, valid = corpus_files
     common = ("--data", str(train), "--valid", str(valid), *TINY, "--n-layer", "4", "--steps", "16",
               "--eval-every", "4")
-    assert run_cli("train", *common, "--out", str(tmp_path / "scratch")) == 0
+    assert run_cli("train", *common, "--out", str(tmp_path / "scratch"), "--method", "scratch") == 0
     assert run_cli("train", *common, "--out", str(tmp_path / "apollo"), "--method", "apollo") == 0
     capsys.readouterr()
     assert run_cli("compare", str(tmp_path / "scratch"), str(tmp_path / "apollo"), "--out",
                    str(tmp_path / "cmp")) == 0
     table = capsys.readouterr().out
-    assert "| apollo (lvps) | apollo |" in table
     res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    recipe = res["methods"]["apollo"]["recipe"]
+    assert recipe.startswith("apollo (lvps), 1,2,4 at ") and recipe.endswith("wsd (decay 0.2), lr 0.001")
+    assert f"| {recipe} | apollo |" in table
+    assert res["scratch_recipe"] == "scratch, wsd (decay 0.2), lr 0.001" and res["scratch_recipe"] in table
     assert set(res) >= {"scratch", "target_loss", "methods"}
     m = res["methods"]["apollo"]
     assert set(m) >= {"run", "reached", "flops_saving", "wall_saving", "final_val_loss"}
@@ -96,3 +99,19 @@ def test_compare_end_to_end(tmp_path, corpus_files, capsys):
     capsys.readouterr()
     assert run_cli("compare", str(tmp_path / "scratch"), str(tmp_path / "o2")) == 2
     assert "differ in training data" in capsys.readouterr().err
+
+
+def test_recipe_names_what_departs_from_the_defaults():
+    from apollo_lm.eval.compare import recipe
+
+    base = dict(sampler="none", layer_map="interpolate", shared_grad="sum", sample_from=0.0,
+                grow_optimizer_state="copy", schedule="wsd", decay=0.3, lr=1e-3)
+    assert recipe({**base, "method": "stack", "layer_map": "stack", "stages": "3,12", "grow_at": "0.6"}) == \
+        "stack, 3,12 at 0.6, wsd (decay 0.3), lr 0.001"
+    assert recipe({**base, "method": "apollo", "sampler": "lvps", "layer_map": "stack", "stages": "3,12",
+                   "grow_at": "0.6", "shared_grad": "mean", "sample_from": 0.5, "schedule": "cosine"}) == \
+        "apollo (lvps), 3,12 at 0.6, stack map, mean shared grads, sampling from 0.5 of each stage, cosine, lr 0.001"
+    assert recipe({**base, "method": "progressive", "stages": "1,3,6,12", "grow_at": "0.05,0.1,0.25",
+                   "grow_optimizer_state": "reset", "lr": 3e-4}) == \
+        "progressive, 1,3,6,12 at 0.05,0.1,0.25, moments reset, wsd (decay 0.3), lr 0.0003"
+    assert recipe({"method": "scratch"}) == "scratch"  # an older run's config without these keys

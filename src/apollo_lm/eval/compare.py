@@ -44,6 +44,33 @@ class Run:
         return f"{self.name} ({c.get('method')})"
 
 
+def recipe(c: dict[str, Any]) -> str:
+    """A run's training recipe in a few words, for tables: the method, its sampler, stages and growth points, and
+    whatever departs from the method's defaults that changes what is trained (layer map, gradient combining,
+    late sampling, reset moments), then the schedule and peak learning rate."""
+    method = c.get("method") or "?"
+    parts = [method]
+    if c.get("sampler") not in (None, "none"):
+        parts[0] += f" ({c['sampler']})"
+    if method != "scratch":
+        if c.get("stages"):
+            parts.append(str(c["stages"]).replace(" ", "") + (f" at {c['grow_at']}" if c.get("grow_at") else ""))
+        default_map = "stack" if method == "stack" else "interpolate"
+        if c.get("layer_map") and c["layer_map"] != default_map and method in ("apollo", "progressive", "stack"):
+            parts.append(f"{c['layer_map']} map")
+        if c.get("shared_grad") == "mean" and c.get("sampler") not in (None, "none"):
+            parts.append("mean shared grads")
+        if c.get("sample_from"):
+            parts.append(f"sampling from {c['sample_from']:g} of each stage")
+        if c.get("grow_optimizer_state") == "reset":
+            parts.append("moments reset")
+    if c.get("schedule"):
+        parts.append(c["schedule"] + (f" (decay {c['decay']:g})" if c["schedule"] == "wsd" and c.get("decay") else ""))
+    if c.get("lr") is not None:
+        parts.append(f"lr {c['lr']:g}")
+    return ", ".join(parts)
+
+
 def load_run_metrics(path: str | os.PathLike) -> Run:
     p = Path(path)
     need = ["config.json", "model.json", "metrics.jsonl"]
@@ -127,14 +154,16 @@ def compare(scratch: Run, runs: list[Run]) -> dict[str, Any]:
         check_comparable(scratch, r)
     final = scratch.evals[-1]
     target = final["val_loss"]
-    out: dict[str, Any] = {"scratch": str(scratch.path), "target_loss": target,
-                           "scratch_flops": final["flops"], "scratch_wall": final["wall"], "methods": {}}
+    out: dict[str, Any] = {"scratch": str(scratch.path), "scratch_recipe": recipe(scratch.config),
+                           "target_loss": target, "scratch_flops": final["flops"], "scratch_wall": final["wall"],
+                           "methods": {}}
     names = [r.name for r in runs]
     for r in runs:
         name = r.name if names.count(r.name) == 1 else str(r.path)
         cross = _crossing(r.evals, target)
         entry = {
             "run": str(r.path), "method": r.config.get("method"), "sampler": r.config.get("sampler"),
+            "recipe": recipe(r.config),
             "reached": cross is not None,
             "flops_to_target": cross[0] if cross else None, "wall_to_target": cross[1] if cross else None,
             "flops_saving": 1 - cross[0] / final["flops"] if cross else None,
@@ -159,13 +188,14 @@ def _pct(x: float | None) -> str:
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    lines = [f"Target: scratch run `{result['scratch']}` final validation loss **{result['target_loss']:.4f}** "
+    sr = f" ({result['scratch_recipe']})" if result.get("scratch_recipe") else ""
+    lines = [f"Target: scratch run `{result['scratch']}`{sr} final validation loss **{result['target_loss']:.4f}** "
              f"({result['scratch_flops']:.3g} FLOPs, {result['scratch_wall']:.1f} s)", "",
              "| method | run | reached | FLOPs saving | wall-clock saving | final val loss "
              "| loss vs scratch's at equal FLOPs |",
              "|---|---|---|---|---|---|---|"]
     for name, m in result["methods"].items():
-        label = m["method"] + (f" ({m['sampler']})" if m["method"] == "apollo" else "")
+        label = m.get("recipe") or m["method"] + (f" ({m['sampler']})" if m["method"] == "apollo" else "")
         a, b = m["loss_at_equal_flops"], m["scratch_loss_at_equal_flops"]
         las = "n/a" if a is None or b is None else f"{a:.4f} vs {b:.4f} at {m['equal_flops']:.3g}"
         saving = _pct(m["flops_saving"])
