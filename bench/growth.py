@@ -155,6 +155,9 @@ def main() -> int:
         return 0
     scratch = out / "scratch"
     others = [r for r in runs if r != scratch]
+    if not others:
+        print("only the scratch run: nothing to compare it with", file=sys.stderr)
+        return 0
     cmd = [sys.executable, "-m", "apollo_lm", "compare", str(scratch), *map(str, others), "--out",
            str(out / "compare")]
     subprocess.run(cmd, env=env, check=True)
