@@ -1,6 +1,8 @@
 """Growth: layer maps, depth samplers against method.md, expansion of weights and AdamW state, and the
 growth methods in the training loop (FLOPs of sampled depths, growth points, exact resume across them)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -202,6 +204,24 @@ def test_mean_shared_gradients_divide_by_uses():
     for n, p in m.named_parameters():
         k = 3 if n.startswith("blocks.0.") else 1
         torch.testing.assert_close(p.grad, summed[n] / k)
+
+
+def test_shared_gradients_are_averaged_by_default(tmp_path, corpus_files):
+    """Default --shared-grad mean: at step 1 (same weights, same batch) a block run 3 times has a third of the
+    summed gradient, so the whole gradient norm (logged before clipping) is smaller than with --shared-grad sum."""
+    train, valid = corpus_files
+    norms = {}
+    for mode in ("default", "sum"):
+        out = tmp_path / mode
+        extra = ["--shared-grad", "sum"] if mode == "sum" else []
+        assert run_cli("train", "--data", str(train), "--valid", str(valid), "--out", str(out), *TINY, "--n-layer",
+                       "6", "--steps", "4", "--eval-every", "4", "--method", "apollo", "--stages", "2,6", "--grow-at",
+                       "0.75", "--sampler", "fs", *extra) == 0
+        rows = read_metrics(out / "metrics.jsonl")
+        assert rows[0]["depth"] == 6 and rows[0]["n_blocks"] == 2
+        norms[mode] = rows[0]["grad_norm"]
+        assert json.loads((out / "config.json").read_text())["shared_grad"] == ("sum" if extra else "mean")
+    assert norms["default"] < 0.9 * norms["sum"]
 
 
 def test_sample_from_keeps_early_stage_at_physical_depth(tmp_path, corpus_files):

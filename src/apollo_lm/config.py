@@ -158,8 +158,9 @@ class RunConfig:
                                  group="growth")
     grow_optimizer_state: str = _opt("AdamW moments of grown blocks: copy from the source block, or reset",
                                      default="copy", choices=("copy", "reset"), group="growth")
-    shared_grad: str = _opt("how gradients of a block run at several depths in one step combine: sum (autograd, "
-                            "the paper) or mean (divided by the block's number of uses)", default="sum",
+    shared_grad: str = _opt("how gradients of a block run at several depths in one step combine: mean (divided by "
+                            "the block's number of uses; the default: it trained better in our runs) or sum "
+                            "(autograd's, as the paper's code does)", default="mean",
                             choices=("sum", "mean"), group="growth")
     sample_from: float = _opt("sample depths only after this fraction of each stage (0: the whole stage, as in "
                               "the paper); before it the stage runs its physical depth", default=0.0, group="growth")

@@ -46,7 +46,7 @@ class Run:
 
 def recipe(c: dict[str, Any]) -> str:
     """A run's training recipe in a few words, for tables: the method, its sampler, stages and growth points, and
-    whatever departs from the method's defaults that changes what is trained (layer map, gradient combining,
+    whatever departs from the method's defaults that changes what is trained (layer map, summed gradients,
     late sampling, reset moments), then the schedule and peak learning rate."""
     method = c.get("method") or "?"
     parts = [method]
@@ -58,8 +58,8 @@ def recipe(c: dict[str, Any]) -> str:
         default_map = "stack" if method == "stack" else "interpolate"
         if c.get("layer_map") and c["layer_map"] != default_map and method in ("apollo", "progressive", "stack"):
             parts.append(f"{c['layer_map']} map")
-        if c.get("shared_grad") == "mean" and c.get("sampler") not in (None, "none"):
-            parts.append("mean shared grads")
+        if c.get("shared_grad", "sum") == "sum" and c.get("sampler") not in (None, "none"):
+            parts.append("summed shared grads")  # the default until 2026-11-23, and the paper's code
         if c.get("sample_from"):
             parts.append(f"sampling from {c['sample_from']:g} of each stage")
         if c.get("grow_optimizer_state") == "reset":
