@@ -46,7 +46,10 @@ COMMON = ["--lr", "1e-3", "--beta1", "0.9", "--beta2", "0.95", "--weight-decay",
           "--min-lr-ratio", "0.1", "--grad-clip", "1.0", "--eval-batches", "16", "--seed", "1337", "--no-progress",
           "--log-every", "1", "--save-every", "1000000"]
 
+# today's default stack schedule: 3 blocks grown once to 12 at 60 %, then a 30 % wsd decay
+ONESHOT3 = ["--stages", "3,12", "--grow-at", "0.6", "--schedule", "wsd", "--decay", "0.3"]
 C = ["--schedule", "cosine"]  # the schedule of the runs measured before wsd became the default (2026-11-23)
+SUM = ["--shared-grad", "sum"]  # sampling runs measured before averaged shared gradients became the default
 METHODS = {
     # the tool's defaults (warmup-stable-decay; stack = 3 -> 12 at 60 %, 30 % decay)
     "scratch": ["--method", "scratch"],
@@ -59,38 +62,34 @@ METHODS = {
     "stack-wsd": ["--method", "stack", "--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12", "--grow-at",
                   "0.2,0.5"],
     "progressive-wsd": ["--method", "progressive", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"],
-    "apollo-wsd": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"],
+    "apollo-wsd": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", *SUM],
     # one growth late in the stable phase, as zero/one-layer progressive training does (Bu 2025): one block
     # copied to all 12 at 60 %, or 3 blocks stacked 4 times (= today's default stack), then 10 % stable and a
     # 30 % decay
     "oneshot-wsd": ["--method", "progressive", "--stages", "1,12", "--grow-at", "0.6", "--schedule", "wsd",
                     "--decay", "0.3"],
-    "oneshot3-wsd": ["--method", "stack", "--stages", "3,12", "--grow-at", "0.6", "--schedule", "wsd",
-                     "--decay", "0.3"],
+    "oneshot3-wsd": ["--method", "stack", *ONESHOT3],
     # depth sampling under WSD: shared gradients averaged over a block's uses instead of summed (the sum's scale
     # swings with the depth drawn, up to 12x in the 1-block stage, which AdamW's second moment and clipping see);
     # and LVPS on top of the winning one-growth stack schedule (3 blocks run at sampled depths 3..12 through the
     # stacking map for 60 %, then stacked to 12), with mean gradients, and sampling only in the stage's 2nd half
     "apollo-wsd-mean": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--shared-grad",
                         "mean"],
-    "apollo-oneshot3": ["--method", "apollo", "--layer-map", "stack", "--stages", "3,12", "--grow-at", "0.6",
-                        "--schedule", "wsd", "--decay", "0.3"],
-    "apollo-oneshot3-mean": ["--method", "apollo", "--layer-map", "stack", "--stages", "3,12", "--grow-at", "0.6",
-                             "--schedule", "wsd", "--decay", "0.3", "--shared-grad", "mean"],
-    "apollo-oneshot3-mean-late": ["--method", "apollo", "--layer-map", "stack", "--stages", "3,12", "--grow-at",
-                                  "0.6", "--schedule", "wsd", "--decay", "0.3", "--shared-grad", "mean",
+    "apollo-oneshot3": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, *SUM],
+    "apollo-oneshot3-mean": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, "--shared-grad", "mean"],
+    "apollo-oneshot3-mean-late": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, "--shared-grad", "mean",
                                   "--sample-from", "0.5"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],
     "progressive-cos": ["--method", "progressive", *C],
-    "apollo-cos": ["--method", "apollo", *C],
+    "apollo-cos": ["--method", "apollo", *C, *SUM],
     "progressive-late": ["--method", "progressive", "--grow-at", "0.1,0.2,0.5", *C],
-    "apollo-late": ["--method", "apollo", "--grow-at", "0.1,0.2,0.5", *C],
-    "apollo-reset": ["--method", "apollo", "--grow-optimizer-state", "reset", *C],
-    "apollo-us": ["--method", "apollo", "--sampler", "us", *C],
+    "apollo-late": ["--method", "apollo", "--grow-at", "0.1,0.2,0.5", *C, *SUM],
+    "apollo-reset": ["--method", "apollo", "--grow-optimizer-state", "reset", *C, *SUM],
+    "apollo-us": ["--method", "apollo", "--sampler", "us", *C, *SUM],
     "apollo-mean": ["--method", "apollo", "--shared-grad", "mean", *C],
-    "apollo-sample-late": ["--method", "apollo", "--sample-from", "0.5", *C],
+    "apollo-sample-late": ["--method", "apollo", "--sample-from", "0.5", *C, *SUM],
     # progressive depth growth with staged training's function-preserving depth operator (new blocks start as
     # the identity, zero projections) instead of interpolation copies
     "staged-depth-late": ["--method", "staged", "--stages",
@@ -99,11 +98,11 @@ METHODS = {
     "apollo-late-mean": ["--method", "apollo", "--grow-at", "0.1,0.2,0.5", "--shared-grad", "mean", *C],
     # the map type alone: interpolation stages 1,3,6,12 grown (and, for apollo, shared) by stacking
     "progressive-stack": ["--method", "progressive", "--layer-map", "stack", *C],
-    "apollo-stack": ["--method", "apollo", "--layer-map", "stack", *C],
+    "apollo-stack": ["--method", "apollo", "--layer-map", "stack", *C, *SUM],
     "stack-late": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.2,0.5", *C],
     # the former default's schedule (3 -> 6 -> 12 at 20/50 %, stacking) with Apollo's depth sampling on top
     "apollo-stack-late": ["--method", "apollo", "--layer-map", "stack", "--stages", "3,6,12", "--grow-at", "0.2,0.5",
-                          *C],
+                          *C, *SUM],
 }
 
 

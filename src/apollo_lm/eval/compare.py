@@ -195,7 +195,7 @@ def to_markdown(result: dict[str, Any]) -> str:
              "| loss vs scratch's at equal FLOPs |",
              "|---|---|---|---|---|---|---|"]
     for name, m in result["methods"].items():
-        label = m.get("recipe") or m["method"] + (f" ({m['sampler']})" if m["method"] == "apollo" else "")
+        label = m["recipe"]
         a, b = m["loss_at_equal_flops"], m["scratch_loss_at_equal_flops"]
         las = "n/a" if a is None or b is None else f"{a:.4f} vs {b:.4f} at {m['equal_flops']:.3g}"
         saving = _pct(m["flops_saving"])
