@@ -79,6 +79,9 @@ METHODS = {
     "apollo-oneshot3-mean": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, "--shared-grad", "mean"],
     "apollo-oneshot3-mean-late": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, "--shared-grad", "mean",
                                   "--sample-from", "0.5"],
+    # LVPS drawing depths only up to the next stage's physical depth (1 block: 1..3, 3 blocks: 3..6, 6: 6..12):
+    # the blocks practise the network the coming growth builds, not the 12-layer one, at less cost
+    "apollo-wsd-next": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--sample-to", "next"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],

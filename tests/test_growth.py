@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from apollo_lm.config import ModelConfig
+from apollo_lm.eval.compare import recipe
 from apollo_lm.growth.expand import expand_state
 from apollo_lm.growth.maps import interpolate_map, layer_map, stack_map
 from apollo_lm.growth.samplers import DepthSampler, rng_from_state, rng_state
@@ -231,3 +232,15 @@ def test_sample_from_keeps_early_stage_at_physical_depth(tmp_path, corpus_files)
     # stage 1 spans steps 1-12: the first half runs 2 blocks, the second half the full depth (fs sampler)
     assert [r["depth"] for r in rows[:12]] == [2] * 6 + [6] * 6
     assert StageSchedule((2, 6), (12,)).fraction_of_stage(6, 24) == 0.5
+
+
+def test_sample_to_next_caps_depth_at_next_stage(tmp_path, corpus_files):
+    """--sample-to next: the fs sampler (always the deepest allowed) draws the next stage's physical depth, not the
+    target depth, and the last stage runs its own full depth."""
+    out = _growth_run(tmp_path, corpus_files, "next", "--method", "apollo", "--stages", "1,2,6", "--grow-at",
+                      "0.25,0.5", "--sampler", "fs", "--sample-to", "next")
+    rows = read_metrics(out / "metrics.jsonl")
+    # 24 steps: stage 0 (1 block) steps 1-6, stage 1 (2 blocks) steps 7-12, stage 2 (6 blocks) steps 13-24
+    assert [r["depth"] for r in rows] == [2] * 6 + [6] * 6 + [6] * 12
+    assert [r["n_blocks"] for r in rows] == [1] * 6 + [2] * 6 + [6] * 12
+    assert "next stage" in recipe(json.loads((out / "config.json").read_text()))

@@ -164,6 +164,9 @@ class RunConfig:
                             choices=("sum", "mean"), group="growth")
     sample_from: float = _opt("sample depths only after this fraction of each stage (0: the whole stage, as in "
                               "the paper); before it the stage runs its physical depth", default=0.0, group="growth")
+    sample_to: str = _opt("deepest depth drawn: target (the model's full depth, as in the paper) or next (the next "
+                          "stage's physical depth: the network the coming growth will build)", default="target",
+                          choices=("target", "next"), group="growth")
     b2b_method: str = _opt("bert2bert width expansion: aki (the paper's) or fpi (function preserving)",
                            default="aki", choices=("aki", "fpi"), group="growth")
     ligo_steps: int = _opt("ligo: optimisation steps of the learned growth operator (paper: 100)", default=100,
@@ -292,6 +295,8 @@ class RunConfig:
             raise UserError(f"unknown --layer-map {c.layer_map!r}: choose one of {', '.join(LAYER_MAPS)}")
         if not (0 <= c.sample_from < 1):
             raise UserError(f"--sample-from must be in [0, 1), got {c.sample_from}")
+        if c.sample_to not in ("target", "next"):
+            raise UserError(f"--sample-to must be target or next, got {c.sample_to!r}")
         if c.shared_grad not in ("sum", "mean"):
             raise UserError(f"--shared-grad must be sum or mean, got {c.shared_grad!r}")
         if not (0 < c.lvps_low and 0 <= c.lvps_high):

@@ -62,6 +62,8 @@ def recipe(c: dict[str, Any]) -> str:
             parts.append("summed shared grads")  # the default until 2026-11-23, and the paper's code
         if c.get("sample_from"):
             parts.append(f"sampling from {c['sample_from']:g} of each stage")
+        if c.get("sample_to") == "next" and c.get("sampler") not in (None, "none"):
+            parts.append("sampling up to the next stage's depth")
         if c.get("grow_optimizer_state") == "reset":
             parts.append("moments reset")
     if c.get("schedule"):

@@ -573,6 +573,17 @@ class Trainer:
             st.auto_fired.append(self.position())
             log.info("step %d: the auto rule grows %s next (%d -> %d)", st.step, ev.operator, ev.old, ev.new)
 
+    def _sampler_for(self, stage: int) -> DepthSampler:
+        """The depth sampler of a stage: up to the target depth, or with ``--sample-to next`` up to the next
+        stage's physical depth (the last stage, at full depth, draws only that)."""
+        if self.cfg.sample_to != "next" or self.cfg.method in OPERATOR_METHODS:
+            return self.sampler
+        stages = self.schedule.stages
+        upper = stages[stage + 1] if stage + 1 < len(stages) else stages[-1]
+        if upper == self.sampler.target_depth:
+            return self.sampler
+        return DepthSampler(self.cfg.sampler, upper, self.cfg.lvps_low, self.cfg.lvps_high)
+
     def _train_step(self) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
         t0 = time.perf_counter()
@@ -590,7 +601,7 @@ class Trainer:
                 cfg.sample_from:
             depth = n  # early in the stage: the physical depth only (no draw, so the stream is not consumed)
         else:
-            depth = self.sampler.sample(n, self.sampler_rng)
+            depth = self._sampler_for(st.stage).sample(n, self.sampler_rng)
         lmap = None if depth == n and cfg.layer_map == "interpolate" else layer_map(cfg.layer_map, n, depth)
         step_flops = train_step_flops(self.model, depth, cfg.seq_len, self.tokens_per_step)
         if self.budget_unit == "steps":
