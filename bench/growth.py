@@ -82,6 +82,8 @@ METHODS = {
     # LVPS drawing depths only up to the next stage's physical depth (1 block: 1..3, 3 blocks: 3..6, 6: 6..12):
     # the blocks practise the network the coming growth builds, not the 12-layer one, at less cost
     "apollo-wsd-next": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--sample-to", "next"],
+    # and sampling only in the second half of each stage (the first half trains the physical depth alone)
+    "apollo-wsd-late": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--sample-from", "0.5"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],
