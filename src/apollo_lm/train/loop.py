@@ -164,7 +164,7 @@ class Trainer:
         self.valid_batches = valid_batcher.fixed_batches(cfg.eval_batches)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world
         self._setup_budget_and_schedule()
-        self.sampler = DepthSampler(cfg.sampler, self.mcfg.n_layer, cfg.lvps_low, cfg.lvps_high)
+        self.samplers = self._stage_samplers()
         first = self.stage_cfg.n_layer if cfg.method in OPERATOR_METHODS else self.schedule.stages[0]
         self.state = TrainState(n_blocks=first)
         self.sampler_rng = np.random.default_rng([cfg.seed, 0xDE9])
@@ -573,16 +573,15 @@ class Trainer:
             st.auto_fired.append(self.position())
             log.info("step %d: the auto rule grows %s next (%d -> %d)", st.step, ev.operator, ev.old, ev.new)
 
-    def _sampler_for(self, stage: int) -> DepthSampler:
-        """The depth sampler of a stage: up to the target depth, or with ``--sample-to next`` up to the next
-        stage's physical depth (the last stage, at full depth, draws only that)."""
-        if self.cfg.sample_to != "next" or self.cfg.method in OPERATOR_METHODS:
-            return self.sampler
+    def _stage_samplers(self) -> tuple[DepthSampler, ...]:
+        """The depth sampler of each stage, built once: all up to the target depth, or with ``--sample-to next``
+        each up to the next stage's physical depth (the last stage, at full depth, draws only that)."""
+        cfg, target = self.cfg, self.mcfg.n_layer
+        if cfg.sample_to != "next" or cfg.method in OPERATOR_METHODS:
+            return (DepthSampler(cfg.sampler, target, cfg.lvps_low, cfg.lvps_high),)
         stages = self.schedule.stages
-        upper = stages[stage + 1] if stage + 1 < len(stages) else stages[-1]
-        if upper == self.sampler.target_depth:
-            return self.sampler
-        return DepthSampler(self.cfg.sampler, upper, self.cfg.lvps_low, self.cfg.lvps_high)
+        return tuple(DepthSampler(cfg.sampler, stages[i + 1] if i + 1 < len(stages) else target, cfg.lvps_low,
+                                  cfg.lvps_high) for i in range(len(stages)))
 
     def _train_step(self) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
@@ -601,7 +600,7 @@ class Trainer:
                 cfg.sample_from:
             depth = n  # early in the stage: the physical depth only (no draw, so the stream is not consumed)
         else:
-            depth = self._sampler_for(st.stage).sample(n, self.sampler_rng)
+            depth = self.samplers[min(st.stage, len(self.samplers) - 1)].sample(n, self.sampler_rng)
         lmap = None if depth == n and cfg.layer_map == "interpolate" else layer_map(cfg.layer_map, n, depth)
         step_flops = train_step_flops(self.model, depth, cfg.seq_len, self.tokens_per_step)
         if self.budget_unit == "steps":
