@@ -84,6 +84,11 @@ METHODS = {
     "apollo-wsd-next": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--sample-to", "next"],
     # and sampling only in the second half of each stage (the first half trains the physical depth alone)
     "apollo-wsd-late": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--sample-from", "0.5"],
+    # LVPS that also trains the physical blocks at their own depth on every deep draw (--own-depth-weight)
+    "apollo-wsd-own": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--own-depth-weight",
+                       "1"],
+    "apollo-oneshot3-own": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, "--shared-grad", "mean",
+                            "--own-depth-weight", "1"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],

@@ -113,6 +113,9 @@ def test_recipe_names_what_departs_from_the_defaults():
         "apollo (lvps), 3,12 at 0.6, stack map, summed shared grads, sampling from 0.5 of each stage, cosine, lr 0.001"
     assert recipe({**base, "method": "apollo", "sampler": "lvps", "stages": "1,3,6,12", "grow_at": "0.05,0.1,0.25",
                    "shared_grad": "mean"}) == "apollo (lvps), 1,3,6,12 at 0.05,0.1,0.25, wsd (decay 0.3), lr 0.001"
+    assert recipe({**base, "method": "apollo", "sampler": "lvps", "stages": "1,3,6,12", "grow_at": "0.1,0.2,0.5",
+                   "shared_grad": "mean", "own_depth_weight": 1.0}) == \
+        "apollo (lvps), 1,3,6,12 at 0.1,0.2,0.5, own-depth loss x1 on deep draws, wsd (decay 0.3), lr 0.001"
     assert recipe({**base, "method": "progressive", "stages": "1,3,6,12", "grow_at": "0.05,0.1,0.25",
                    "grow_optimizer_state": "reset", "lr": 3e-4}) == \
         "progressive, 1,3,6,12 at 0.05,0.1,0.25, moments reset, wsd (decay 0.3), lr 0.0003"

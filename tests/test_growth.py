@@ -244,3 +244,54 @@ def test_sample_to_next_caps_depth_at_next_stage(tmp_path, corpus_files):
     assert [r["depth"] for r in rows] == [2] * 6 + [6] * 6 + [6] * 12
     assert [r["n_blocks"] for r in rows] == [1] * 6 + [2] * 6 + [6] * 12
     assert "next stage" in recipe(json.loads((out / "config.json").read_text()))
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_own_depth_weight_adds_physical_depth_pass(tmp_path, corpus_files, grad_accum):
+    """--own-depth-weight W: a step drawn deeper than the physical blocks gets the deep pass's gradient (averaged
+    over each block's uses) plus W times the gradient of the same batch at the physical depth, and costs the FLOPs
+    of both passes."""
+    from apollo_lm.config import RunConfig
+    from apollo_lm.train.loop import average_shared_grads, start_run
+
+    train, valid = corpus_files
+    cfg = RunConfig(method="apollo", data=[str(train)], valid=[str(valid)], n_layer=6, n_embd=32, n_head=2,
+                    seq_len=32, vocab_size=300, batch_size=4, eval_batches=1, progress=False, steps=4,
+                    stages="2,6", grow_at="0.75", sampler="fs", own_depth_weight=0.5,
+                    grad_accum=grad_accum, grad_clip=0.0).resolved()
+    trainer = start_run(cfg, tmp_path / "own")
+    model = trainer.model
+    trainer.optimizer.step = lambda *a, **k: None  # keep the weights and
+    trainer.optimizer.zero_grad = lambda *a, **k: None  # the gradients of step 1 to compare them
+    record = trainer._train_step()
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    model.zero_grad(set_to_none=True)
+    deep = layer_map("interpolate", 2, 6)
+    batches = [trainer.batcher.get(0, m) for m in range(grad_accum)]
+    deep_loss = own_loss = 0.0
+    for b in batches:
+        loss = model(b.x, b.y, layer_map=deep)[1]
+        (loss / grad_accum).backward()
+        deep_loss += float(loss.detach()) / grad_accum
+    average_shared_grads(model, deep)
+    for b in batches:
+        loss = model(b.x, b.y)[1]
+        (0.5 * loss / grad_accum).backward()
+        own_loss += float(loss.detach()) / grad_accum
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, msg=k)
+    assert record["depth"] == 6 and record["n_blocks"] == 2
+    assert record["train_loss"] == pytest.approx(deep_loss, rel=1e-5)
+    assert record["own_depth_loss"] == pytest.approx(own_loss, rel=1e-5)
+    tokens = 4 * 32 * grad_accum
+    assert record["flops"] == pytest.approx(train_step_flops(model, 6, 32, tokens) + train_step_flops(model, 2, 32,
+                                                                                                       tokens))
+
+
+def test_own_depth_weight_needs_a_sampler(tmp_path, corpus_files, capsys):
+    train, valid = corpus_files
+    code = run_cli("train", "--data", str(train), "--valid", str(valid), "--out", str(tmp_path / "x"), *TINY,
+                   "--method", "progressive", "--own-depth-weight", "1")
+    assert code != 0 and "needs a depth sampler" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

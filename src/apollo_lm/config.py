@@ -167,6 +167,10 @@ class RunConfig:
     sample_to: str = _opt("deepest depth drawn: target (the model's full depth, as in the paper) or next (the next "
                           "stage's physical depth: the network the coming growth will build)", default="target",
                           choices=("target", "next"), group="growth")
+    own_depth_weight: float = _opt("on steps drawn deeper than the physical blocks, also train them at their own "
+                                   "depth on the same batch, that loss weighted by this (0: off, as in the paper; "
+                                   "costs one more forward and backward at the physical depth on those steps)",
+                                   default=0.0, group="growth")
     b2b_method: str = _opt("bert2bert width expansion: aki (the paper's) or fpi (function preserving)",
                            default="aki", choices=("aki", "fpi"), group="growth")
     ligo_steps: int = _opt("ligo: optimisation steps of the learned growth operator (paper: 100)", default=100,
@@ -299,6 +303,13 @@ class RunConfig:
             raise UserError(f"--sample-to must be target or next, got {c.sample_to!r}")
         if c.shared_grad not in ("sum", "mean"):
             raise UserError(f"--shared-grad must be sum or mean, got {c.shared_grad!r}")
+        if not (0 <= c.own_depth_weight <= 10) or not math.isfinite(c.own_depth_weight):
+            raise UserError(f"--own-depth-weight must be in [0, 10], got {c.own_depth_weight}")
+        if c.own_depth_weight > 0 and (c.sampler == "none" or (c.sampler is None and c.method != "apollo")):
+            raise UserError("--own-depth-weight acts on steps drawn deeper than the physical blocks, so it needs a "
+                            "depth sampler: use --method apollo or give --sampler")
+        if c.own_depth_weight > 0 and c.parallel == "fsdp":
+            raise UserError("--own-depth-weight does not work with --parallel fsdp yet: use --parallel ddp")
         if not (0 < c.lvps_low and 0 <= c.lvps_high):
             raise UserError("--lvps-low must be > 0 and --lvps-high >= 0")
         if c.method == "scratch" and (c.stages or c.grow_at):

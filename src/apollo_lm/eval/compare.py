@@ -64,6 +64,8 @@ def recipe(c: dict[str, Any]) -> str:
             parts.append(f"sampling from {c['sample_from']:g} of each stage")
         if c.get("sample_to") == "next" and c.get("sampler") not in (None, "none"):
             parts.append("sampling up to the next stage's depth")
+        if c.get("own_depth_weight") and c.get("sampler") not in (None, "none"):
+            parts.append(f"own-depth loss x{c['own_depth_weight']:g} on deep draws")
         if c.get("grow_optimizer_state") == "reset":
             parts.append("moments reset")
     if c.get("schedule"):

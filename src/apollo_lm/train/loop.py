@@ -603,6 +603,9 @@ class Trainer:
             depth = self.samplers[min(st.stage, len(self.samplers) - 1)].sample(n, self.sampler_rng)
         lmap = None if depth == n and cfg.layer_map == "interpolate" else layer_map(cfg.layer_map, n, depth)
         step_flops = train_step_flops(self.model, depth, cfg.seq_len, self.tokens_per_step)
+        own = cfg.own_depth_weight if depth > n else 0.0  # a second pass at the physical depth (--own-depth-weight)
+        if own:
+            step_flops += train_step_flops(self.model, n, cfg.seq_len, self.tokens_per_step)
         if self.budget_unit == "steps":
             progress = (st.step + 1) / self.budget_total
         else:
@@ -619,23 +622,17 @@ class Trainer:
             check = all_reduce_sum(self.dist, [depth, -depth], self.device)  # cheap guard: one depth stream
             if check != [depth * self.dist.world, -depth * self.dist.world]:
                 raise RuntimeError(f"step {st.step + 1}: ranks drew different depths; the depth streams diverged")
-        net = self.ddp or self.model
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            # rank r takes micro-batch micro * world + r: disjoint across ranks, the same data as one process
-            batch = self.batcher.get(st.step, micro * self.dist.world + self.dist.rank).to(self.device)
-            last = micro == cfg.grad_accum - 1  # gradients are reduced across ranks once, after the last
-            if self.sharded:
-                self.model.set_requires_gradient_sync(last)
-            no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
-            with no_sync, _autocast(self.device, self.amp):
-                _, loss = net(batch.x, batch.y, layer_map=lmap)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
+        loss_sum = self._forward_backward(st.step, lmap, 1.0, sync_last=not own)
         if self.dist.enabled:
             loss_sum = torch.tensor(all_reduce_sum(self.dist, [float(loss_sum)], self.device)[0] / self.dist.world)
         if lmap is not None and cfg.shared_grad == "mean" and depth > n:
+            # linear in the gradients, so averaging the local sums before the own-depth pass's reduction is the
+            # same as averaging the reduced ones
             average_shared_grads(self.model, lmap)
+        own_loss = None
+        if own:  # added after the averaging: at its own depth each block runs once
+            own_map = None if cfg.layer_map == "interpolate" else layer_map(cfg.layer_map, n, n)
+            own_loss = float(self._forward_backward(st.step, own_map, own, sync_last=True)) / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         train_loss = float(loss_sum) / cfg.grad_accum  # synchronises the device
@@ -664,6 +661,8 @@ class Trainer:
             "wall": round(st.wall, 4),
         }
         record["grad_norm"] = float(grad_norm)
+        if own_loss is not None:
+            record["own_depth_loss"] = own_loss
         if skipped:
             record["skipped"] = True
         if st.small_flops is not None:
@@ -676,6 +675,26 @@ class Trainer:
         if self.peak:
             record["mfu"] = step_flops / dt / self.peak
         return record
+
+    def _forward_backward(self, step: int, lmap: list[int] | None, weight: float, sync_last: bool) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches through ``lmap``, the loss scaled by ``weight``;
+        gradients are reduced across ranks at the last micro-batch only if ``sync_last``. Returns the summed
+        unscaled micro-batch losses (detached)."""
+        cfg = self.cfg
+        net = self.ddp or self.model
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            # rank r takes micro-batch micro * world + r: disjoint across ranks, the same data as one process
+            batch = self.batcher.get(step, micro * self.dist.world + self.dist.rank).to(self.device)
+            last = sync_last and micro == cfg.grad_accum - 1  # gradients are reduced across ranks once
+            if self.sharded:
+                self.model.set_requires_gradient_sync(last)
+            no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with no_sync, _autocast(self.device, self.amp):
+                _, loss = net(batch.x, batch.y, layer_map=lmap)
+                (loss * (weight / cfg.grad_accum)).backward()
+            loss_sum += loss.detach()
+        return loss_sum
 
 
 def average_shared_grads(model: nn.Module, lmap: list[int]) -> None:
