@@ -89,6 +89,8 @@ METHODS = {
                        "1"],
     "apollo-oneshot3-own": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, "--shared-grad", "mean",
                             "--own-depth-weight", "1"],
+    "apollo-oneshot3-own-late": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, "--shared-grad", "mean",
+                                 "--own-depth-weight", "1", "--sample-from", "0.5"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],
