@@ -27,8 +27,11 @@ def _cmd(corpus_files, out, *extra):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_processes_equal_one(tmp_path, corpus_files):
-    """2 gloo ranks with batch B equal 1 process with 2 micro-batches of B: same depths, losses, growth."""
-    args = ("--steps", "8", "--eval-every", "4", "--threads", "1", *GROWTH)
+    """2 gloo ranks with batch B equal 1 process with 2 micro-batches of B: same depths, losses, growth (with the
+    own-depth pass on deep draws, whose gradients are reduced once with the deep pass's averaged ones)."""
+    # the uniform sampler draws deeper than the physical blocks on most early steps, which the own-depth pass needs
+    args = ("--steps", "8", "--eval-every", "4", "--threads", "1", *GROWTH, "--sampler", "us", "--own-depth-weight",
+            "0.5")
     assert run_cli(*_cmd(corpus_files, tmp_path / "one", *args, "--grad-accum", "2")) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -38,6 +41,7 @@ def test_ddp_two_processes_equal_one(tmp_path, corpus_files):
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [x["n_blocks"] for x in two] == [1, 1, 2, 2, 4, 4, 4, 4]
+    assert any("own_depth_loss" in x for x in one)  # some steps were drawn deeper than the physical blocks
     assert len(one) == len(two)
     for a, b in zip(one, two):
         assert (a["depth"], a["tokens"], a["flops"]) == (b["depth"], b["tokens"], b["flops"])
