@@ -630,9 +630,8 @@ class Trainer:
             # same as averaging the reduced ones
             average_shared_grads(self.model, lmap)
         own_loss = None
-        if own:  # added after the averaging: at its own depth each block runs once
-            own_map = None if cfg.layer_map == "interpolate" else layer_map(cfg.layer_map, n, n)
-            own_loss = float(self._forward_backward(st.step, own_map, own, sync_last=True)) / cfg.grad_accum
+        if own:  # added after the averaging; at its own depth every layer map is the identity: each block once
+            own_loss = float(self._forward_backward(st.step, None, own, sync_last=True)) / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         train_loss = float(loss_sum) / cfg.grad_accum  # synchronises the device
