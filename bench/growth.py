@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from apollo_lm.config import parse_amount  # noqa: E402
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "en"
 
 # the shapes of the reference measurements (issue 6); budgets in tokens
@@ -118,6 +122,11 @@ METHODS = {
 }
 
 
+def _last(args: list[str], flag: str) -> str:
+    """The value of the last ``flag`` in ``args`` (later options override earlier ones, as in argparse)."""
+    return args[len(args) - 1 - args[::-1].index(flag) + 1]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=tuple(SIZES), default="cpu")
@@ -143,9 +152,9 @@ def main() -> int:
     base = [*COMMON, *size["args"], "--data", *[str(data / f) for f in size["train"]], "--valid",
             *[str(data / f) for f in size["valid"]], *extra]
     if a.eval_every is None:
-        tokens = float(size["args"][size["args"].index("--tokens") + 1].rstrip("M")) * 1e6
-        bsz = int(size["args"][size["args"].index("--batch-size") + 1])
-        seq = int(size["args"][size["args"].index("--seq-len") + 1])
+        # the size's evaluation count over the budget actually run (options after -- override the size's)
+        tokens = parse_amount(_last(base, "--tokens"), "--tokens")
+        bsz, seq = int(_last(base, "--batch-size")), int(_last(base, "--seq-len"))
         a.eval_every = max(1, int(tokens / (bsz * seq) / size["evals"]))
     base += ["--eval-every", str(a.eval_every)]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
