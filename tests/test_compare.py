@@ -5,7 +5,7 @@ import json
 import pytest
 
 from apollo_lm.errors import UserError
-from apollo_lm.eval.compare import _crossing, _loss_at_flops, compare, load_run_metrics
+from apollo_lm.eval.compare import _crossing, _loss_at_flops, compare, load_run_metrics, to_markdown
 
 from .conftest import TINY, run_cli
 
@@ -38,6 +38,10 @@ def test_crossing_and_savings(tmp_path):
     # at equal FLOPs (300, where f stopped): f's 1.9 against scratch's 3.5 (halfway from 4.0 at 200 to 3.0 at 400)
     assert f["equal_flops"] == 300 and f["loss_at_equal_flops"] == 1.9
     assert f["scratch_loss_at_equal_flops"] == pytest.approx(3.5)
+    # f stopped at 300 of scratch's 400 FLOPs: scratch's 3.5 is mid-run, and the report says so
+    assert f["scratch_mid_run_at_equal_flops"]
+    md = to_markdown(res)
+    assert "3.5000 at 300 (scratch mid-run)" in md and "Scratch mid-run:" in md
     w = res["methods"]["w"]
     assert not w["reached"] and w["flops_saving"] is None and w["loss_at_equal_flops"] == 3.5
     # bert2bert / ligo runs also get the papers' saving that leaves out the small model's training
