@@ -9,7 +9,8 @@
 #   run(command="bash bench/device.sh", carry=[".data"], timeout_s=600)
 #
 # 1. bench/throughput.py --size gpt2-base: tokens/s and MFU per depth 1, 3, 6, 12 (issue 6's >= 45 % MFU).
-# 2. bench/growth.py --size gpt-small with scratch, the default stack, progressive and Apollo (10/20/50 %, WSD):
+# 2. bench/growth.py --size gpt-small with scratch, the default stack (3 -> 6 -> 12), one growth (3 -> 12 at 60 %),
+#    progressive and Apollo (10/20/50 %, WSD):
 #    does the CPU size's ranking of the methods hold on the paper's GPT shape?
 # 3. If time is left: bench/growth.py --size bert-small (scratch, apollo, stack) for issue 7's GLUE comparison,
 #    which `python bench/glue.py .../{scratch,apollo,stack}` runs in a second command.
@@ -73,7 +74,7 @@ fi
 step throughput-gpt2-base 120 python bench/throughput.py --size gpt2-base --depths 1,3,6,12 --steps 10 \
     --out "$OUT/throughput-gpt2-base.json"
 step growth-gpt-small 300 python bench/growth.py --size gpt-small --data-dir "$DATA" --out "$WORK/growth-gpt-small" \
-    --methods scratch stack progressive-wsd apollo-wsd-mean
+    --methods scratch stack oneshot3-wsd progressive-wsd apollo-wsd-mean
 collect "$WORK/growth-gpt-small"
 step growth-bert-small 240 python bench/growth.py --size bert-small --data-dir "$DATA" \
     --out "$WORK/growth-bert-small" --methods scratch apollo stack

@@ -50,25 +50,26 @@ COMMON = ["--lr", "1e-3", "--beta1", "0.9", "--beta2", "0.95", "--weight-decay",
           "--min-lr-ratio", "0.1", "--grad-clip", "1.0", "--eval-batches", "16", "--seed", "1337", "--no-progress",
           "--log-every", "1", "--save-every", "1000000"]
 
-# today's default stack schedule: 3 blocks grown once to 12 at 60 %, then a 30 % wsd decay
+# one growth: 3 blocks grown once to 12 at 60 %, then a 30 % wsd decay (the default stack 2026-11-23..30; it missed
+# scratch's loss with 10M tokens, so the default is now 3 -> 6 -> 12 at 20/50 %, = stack-wsd)
 ONESHOT3 = ["--stages", "3,12", "--grow-at", "0.6", "--schedule", "wsd", "--decay", "0.3"]
 C = ["--schedule", "cosine"]  # the schedule of the runs measured before wsd became the default (2026-11-23)
 SUM = ["--shared-grad", "sum"]  # sampling runs measured before averaged shared gradients became the default
 METHODS = {
-    # the tool's defaults (warmup-stable-decay; stack = 3 -> 12 at 60 %, 30 % decay)
+    # the tool's defaults (warmup-stable-decay; stack = 3 -> 6 -> 12 at 20/50 %, 20 % decay, since 2026-11-30)
     "scratch": ["--method", "scratch"],
     "stack": ["--method", "stack"],
     "progressive": ["--method", "progressive"],
     "apollo": ["--method", "apollo"],
-    # warmup-stable-decay (decay over the last 20 %) with the later 10/20/50 % growth points, and the former
-    # stacking default (3 -> 6 -> 12 at 20/50 %)
+    # warmup-stable-decay (decay over the last 20 %) with the later 10/20/50 % growth points, and stacking
+    # 3 -> 6 -> 12 at 20/50 % (the default stack again since 2026-11-30)
     "scratch-wsd": ["--method", "scratch", "--schedule", "wsd", "--decay", "0.2"],
     "stack-wsd": ["--method", "stack", "--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12", "--grow-at",
                   "0.2,0.5"],
     "progressive-wsd": ["--method", "progressive", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"],
     "apollo-wsd": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", *SUM],
     # one growth late in the stable phase, as zero/one-layer progressive training does (Bu 2025): one block
-    # copied to all 12 at 60 %, or 3 blocks stacked 4 times (= today's default stack), then 10 % stable and a
+    # copied to all 12 at 60 %, or 3 blocks stacked 4 times (the default stack 2026-11-23..30), then 10 % stable and a
     # 30 % decay
     "oneshot-wsd": ["--method", "progressive", "--stages", "1,12", "--grow-at", "0.6", "--schedule", "wsd",
                     "--decay", "0.3"],

@@ -143,9 +143,9 @@ class RunConfig:
     save_every: int = _opt("checkpoint every N steps (and at the end)", default=200, group="eval")
     keep_checkpoints: int = _opt("keep the last K checkpoints", default=2, group="eval")
     # --- growth
-    method: str = _opt("training method; the default is the one that saved the most compute in our measurements "
-                       "(BENCHMARKS.md); scratch is the baseline to compare against", default="stack", choices=METHODS,
-                       group="growth")
+    method: str = _opt("training method; the default, stack, reached scratch's loss with less compute at every "
+                       "budget we measured (BENCHMARKS.md); scratch is the baseline to compare against",
+                       default="stack", choices=METHODS, group="growth")
     stages: str | None = _opt("apollo/progressive/stack: physical blocks per stage, e.g. 1,3,6,12 (last = "
                               "target depth); staged: growth events, e.g. 'width:256->512@0.3, depth:6->12@0.6' "
                               "(@auto: when the slope rule says); default adapts to the target", group="growth")
@@ -236,8 +236,6 @@ class RunConfig:
             c.layer_map = "stack" if c.method == "stack" else "interpolate"
         if c.sampler is None:
             c.sampler = "lvps" if c.method == "apollo" else "none"
-        if c.decay is None:
-            c.decay = 0.3 if c.method == "stack" else 0.2
         if c.method == "staged" and c.stages is None:
             half_d, half_l = c.n_embd // 2, max(1, c.n_layer // 2)
             c.stages = f"width:{half_d}->{c.n_embd}@0.25, depth:{half_l}->{c.n_layer}@0.5"
@@ -248,6 +246,9 @@ class RunConfig:
                 c.stages = ",".join(str(s) for s in default_stages(c.method, c.n_layer))
             if c.grow_at is None:
                 c.grow_at = ",".join(str(g) for g in default_grow_at(len(parse_stages(c.stages)), c.method))
+        if c.decay is None:  # a single late growth gets a longer decay (measured with 0.3; the rest with 0.2)
+            one_growth = c.method == "stack" and c.stages is not None and len(parse_stages(c.stages)) == 2
+            c.decay = 0.3 if one_growth else 0.2
         return c
 
     def validate(self) -> None:
@@ -485,10 +486,11 @@ def parse_grow_at(text: str) -> list[tuple[float, str]]:
 
 
 def default_stages(method: str, n_layer: int) -> list[int]:
-    """Apollo's 1 -> 3 -> 6 -> 12 for 12 layers, adapted to other depths; for stacking one growth from a quarter
-    of the target depth (3 -> 12), which saved the most compute in our CPU measurements (BENCHMARKS.md)."""
+    """Apollo's 1 -> 3 -> 6 -> 12 for 12 layers, adapted to other depths; for stacking a quarter, a half, then the
+    target depth (3 -> 6 -> 12), which reached scratch's loss at every budget we measured and ended lowest; one
+    growth (3 -> 12) saved more with short budgets but missed scratch's loss with longer ones (BENCHMARKS.md)."""
     if method == "stack":
-        return [max(1, n_layer // 4), n_layer] if n_layer > 1 else [1]
+        return sorted({max(1, n_layer // 4), max(1, n_layer // 2), n_layer})
     if n_layer == 12:
         return [1, 3, 6, 12]
     stages = sorted({1, max(1, round(n_layer / 4)), max(1, round(n_layer / 2)), n_layer})
@@ -497,9 +499,9 @@ def default_stages(method: str, n_layer: int) -> list[int]:
 
 def default_grow_at(n_stages: int, method: str = "apollo") -> list[float]:
     """Growth points as fractions of the budget, truncated to the number of stages: Apollo's published 5 %, 10 %,
-    25 % for apollo and progressive; for stack's single growth 60 %, late in the stable phase of the wsd schedule
-    (as zero/one-layer progressive training does), and 10 %, 20 %, 50 % when given more stages (our CPU
-    measurements, BENCHMARKS.md)."""
+    25 % for apollo and progressive; for stack 20 %, 50 % (10 %, 20 %, 50 % with four stages), and 60 % for a
+    single growth, late in the stable phase of the wsd schedule as zero/one-layer progressive training does (our
+    CPU measurements, BENCHMARKS.md)."""
     if method == "stack" and n_stages == 2:
         return [0.6]
     pts = [0.10, 0.20, 0.50] if method == "stack" else [0.05, 0.10, 0.25]
