@@ -125,7 +125,8 @@ METHODS = {
 
 def _last(args: list[str], flag: str) -> str:
     """The value of the last ``flag`` in ``args`` (later options override earlier ones, as in argparse)."""
-    return args[len(args) - 1 - args[::-1].index(flag) + 1]
+    i = len(args) - 1 - args[::-1].index(flag)
+    return args[i + 1]
 
 
 def main() -> int:

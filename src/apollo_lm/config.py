@@ -241,14 +241,15 @@ class RunConfig:
             c.stages = f"width:{half_d}->{c.n_embd}@0.25, depth:{half_l}->{c.n_layer}@0.5"
         elif c.method in ("bert2bert", "ligo") and c.grow_at is None:
             c.grow_at = "0.25"
-        elif c.method in DEPTH_METHODS:
+        n_stages = 0
+        if c.method in DEPTH_METHODS:  # (staged, bert2bert and ligo were handled above)
             if c.stages is None:
                 c.stages = ",".join(str(s) for s in default_stages(c.method, c.n_layer))
+            n_stages = len(parse_stages(c.stages))
             if c.grow_at is None:
-                c.grow_at = ",".join(str(g) for g in default_grow_at(len(parse_stages(c.stages)), c.method))
-        if c.decay is None:  # a single late growth gets a longer decay (measured with 0.3; the rest with 0.2)
-            one_growth = c.method == "stack" and c.stages is not None and len(parse_stages(c.stages)) == 2
-            c.decay = 0.3 if one_growth else 0.2
+                c.grow_at = ",".join(str(g) for g in default_grow_at(n_stages, c.method))
+        if c.decay is None:  # stack's single late growth gets a longer decay (measured with 0.3; the rest with 0.2)
+            c.decay = 0.3 if c.method == "stack" and n_stages == 2 else 0.2
         return c
 
     def validate(self) -> None:

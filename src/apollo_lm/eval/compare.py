@@ -165,6 +165,7 @@ def compare(scratch: Run, runs: list[Run]) -> dict[str, Any]:
     for r in runs:
         name = r.name if names.count(r.name) == 1 else str(r.path)
         cross = _crossing(r.evals, target)
+        equal = min(final["flops"], r.evals[-1]["flops"])  # both runs' losses at the smaller of their totals
         entry = {
             "run": str(r.path), "method": r.config.get("method"), "sampler": r.config.get("sampler"),
             "recipe": recipe(r.config),
@@ -173,13 +174,12 @@ def compare(scratch: Run, runs: list[Run]) -> dict[str, Any]:
             "flops_saving": 1 - cross[0] / final["flops"] if cross else None,
             "wall_saving": 1 - cross[1] / final["wall"] if cross and final["wall"] > 0 else None,
             "final_val_loss": r.evals[-1]["val_loss"],
-            # both runs' losses at the same compute: the smaller of the two runs' totals
-            "equal_flops": min(final["flops"], r.evals[-1]["flops"]),
-            "loss_at_equal_flops": _loss_at_flops(r.evals, min(final["flops"], r.evals[-1]["flops"])),
-            "scratch_loss_at_equal_flops": _loss_at_flops(scratch.evals, min(final["flops"], r.evals[-1]["flops"])),
+            "equal_flops": equal,
+            "loss_at_equal_flops": _loss_at_flops(r.evals, equal),
+            "scratch_loss_at_equal_flops": _loss_at_flops(scratch.evals, equal),
             # read off scratch's curve before the end of its schedule (before its decay under WSD): higher than a
             # scratch run given only that budget would end at, so this favours the method
-            "scratch_mid_run_at_equal_flops": r.evals[-1]["flops"] < final["flops"],
+            "scratch_mid_run_at_equal_flops": equal < final["flops"],
             "total_flops": r.evals[-1]["flops"], "total_wall": r.evals[-1]["wall"],
         }
         small = next((row["small_flops"] for row in r.rows if row.get("small_flops") is not None), None)
