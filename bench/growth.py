@@ -96,6 +96,13 @@ METHODS = {
                             "--own-depth-weight", "1"],
     "apollo-oneshot3-own-late": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, "--shared-grad", "mean",
                                  "--own-depth-weight", "1", "--sample-from", "0.5"],
+    # the best sampling recipe of the one-growth schedule (late LVPS + own-depth pass) on the four-stage schedule,
+    # against progressive-wsd on equal growth points, and on the default three-stage stacking schedule
+    "apollo-wsd-own-late": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5",
+                            "--own-depth-weight", "1", "--sample-from", "0.5"],
+    "apollo-stack3-own-late": ["--method", "apollo", "--layer-map", "stack", "--schedule", "wsd", "--decay", "0.2",
+                               "--stages", "3,6,12", "--grow-at", "0.2,0.5", "--own-depth-weight", "1",
+                               "--sample-from", "0.5"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],
