@@ -9,6 +9,7 @@ interleaving the two so that drifts of the machine hit both alike, and reports t
 
     python bench/throughput.py                       # CPU size: 12 layers, 128 hidden, seq 64, batch 32
     python bench/throughput.py --size gpt2-base      # GPU: 768 hidden, seq 1024, bf16, compiled blocks
+    python bench/throughput.py --size gpt2-base --depths 12 --loss-chunk 4096   # the chunked output layer + loss
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ SIZES = {
 
 
 class Stepper:
-    def __init__(self, cfg: ModelConfig, n_blocks: int, depth: int, size: dict):
+    def __init__(self, cfg: ModelConfig, n_blocks: int, depth: int, size: dict, loss_chunk: int = 0):
         torch.manual_seed(0)
         self.dev = torch.device(size["device"])
         self.model = prepare_model(build_model(cfg, n_blocks), self.dev, size["compile"])
         self.opt = build_optimizer(self.model, 1e-4, 0.1, (0.9, 0.95), self.dev)
         self.lmap = None if n_blocks == depth else interpolate_map(n_blocks, depth)
         self.amp = size["amp"]
+        self.loss_chunk = loss_chunk
         g = torch.Generator().manual_seed(1)
         self.x = torch.randint(0, cfg.vocab_size, (size["batch"], size["seq"]), generator=g).to(self.dev)
         self.y = torch.randint(0, cfg.vocab_size, (size["batch"], size["seq"]), generator=g).to(self.dev)
@@ -60,7 +62,7 @@ class Stepper:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(self.dev.type, dtype=self.amp, enabled=self.amp is not None):
-            _, loss = self.model(self.x, self.y, layer_map=self.lmap)
+            _, loss = self.model(self.x, self.y, layer_map=self.lmap, loss_chunk=self.loss_chunk)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
@@ -77,11 +79,16 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", choices=("size", "on", "off"), default="size",
                    help="per-block torch.compile: as the size says (GPU sizes on, cpu off), or forced")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the size's)")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="compute the output layer and loss this many positions at a time (apollo train --loss-chunk)")
     p.add_argument("--out", default=None, help="JSON file for the results")
     a = p.parse_args()
     size = SIZES[a.size]
     if a.compile != "size":
         size = size | {"compile": a.compile == "on"}
+    if a.batch:
+        size = size | {"batch": a.batch}
     if size["device"] == "cuda" and not torch.cuda.is_available():
         print(f"error: --size {a.size} needs a CUDA GPU; use --size cpu", file=sys.stderr)
         return 2
@@ -92,8 +99,8 @@ def main() -> int:
     peak = peak_flops(torch.cuda.get_device_name(0)) if size["device"] == "cuda" else None
     rows = []
     for D in depths:
-        plain = Stepper(cfg, D, D, size)
-        shared = Stepper(cfg, max(1, D // 3) if D > 1 else 1, D, size) if D > 1 else None
+        plain = Stepper(cfg, D, D, size, a.loss_chunk)
+        shared = Stepper(cfg, max(1, D // 3) if D > 1 else 1, D, size, a.loss_chunk) if D > 1 else None
         for _ in range(3):
             plain.step()
             if shared:
@@ -121,7 +128,8 @@ def main() -> int:
         s.sample(3, rng)
     draw_us = (time.perf_counter() - t0) / 10_000 * 1e6
     print(json.dumps({"lvps_draw_us": draw_us}))
-    result = {"size": a.size, "threads": a.threads, "rows": rows, "lvps_draw_us": draw_us,
+    result = {"size": a.size, "threads": a.threads, "batch": size["batch"], "loss_chunk": a.loss_chunk,
+              "rows": rows, "lvps_draw_us": draw_us,
               "device": torch.cuda.get_device_name(0) if size["device"] == "cuda" else "cpu",
               "date": time.strftime("%Y-%m-%d")}
     if a.out:

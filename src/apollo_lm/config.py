@@ -190,7 +190,11 @@ class RunConfig:
     device: str = _opt("cpu, cuda, cuda:N or auto", default="auto", group="system")
     dtype: str = _opt("compute precision: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
                       default="auto", choices=("auto", "fp32", "bf16"), group="system")
-    compile: bool = _opt("torch.compile each block and the head separately", default=False, group="system")
+    compile: bool = _opt("torch.compile each block separately (a change of depth never recompiles)", default=False,
+                         group="system")
+    loss_chunk: int = _opt("training: compute the output layer and its cross-entropy this many token positions at "
+                           "a time, so the whole (tokens x vocabulary) logits tensor never exists; the same loss and "
+                           "gradients to rounding (0: all at once, the default)", default=0, group="system")
     parallel: str = _opt("under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: parameters, "
                          "gradients and optimizer state sharded across the processes); ignored with one process",
                          default="ddp", choices=PARALLEL, group="system")
@@ -327,6 +331,9 @@ class RunConfig:
         if c.checkpoint_format not in CHECKPOINT_FORMATS:
             raise UserError(f"unknown --checkpoint-format {c.checkpoint_format!r}: choose dcp (each process writes "
                             "its own shards) or full (gathered into single-process files)")
+        if c.loss_chunk < 0:
+            raise UserError(f"--loss-chunk must be 0 (off) or a number of token positions per chunk, e.g. 4096; "
+                            f"got {c.loss_chunk}")
         if c.threads is not None and c.threads < 1:
             raise UserError(f"--threads must be at least 1, got {c.threads}")
         if c.method in ("bert2bert", "ligo"):

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .loss import head_and_loss
 
 LN_EPS = 1e-12
 
@@ -115,14 +116,12 @@ class BERT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 layer_map: Sequence[int] | None = None, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: torch.Tensor | None = None,
+                loss_chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(MLM logits, mean cross-entropy over the masked positions or None); ``loss_chunk`` as in GPT."""
         h = self.hidden(idx, layer_map, token_type_ids, attention_mask)
         h = self.head_ln(F.gelu(self.head_dense(h)))
-        logits = F.linear(h, self.word_embeddings.weight, self.head_bias)  # tied decoder
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return head_and_loss(h, self.word_embeddings.weight, self.head_bias, targets, loss_chunk)  # tied decoder
 
     def block_matmul_params(self) -> int:
         d = self.config.n_embd

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .loss import head_and_loss
 
 DEFAULT_NORM_EPS = 1e-5
 
@@ -166,12 +167,11 @@ class Llama(nn.Module):
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                layer_map: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.lm_head(self.hidden(idx, layer_map))  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+                layer_map: Sequence[int] | None = None,
+                loss_chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (B, T, vocab), mean cross-entropy or None); ``loss_chunk > 0`` with targets computes the loss
+        that many positions at a time and returns no logits (models/loss.py)."""
+        return head_and_loss(self.hidden(idx, layer_map), self.lm_head.weight, None, targets, loss_chunk)
 
     # matrix parameters for the FLOPs count (method.md): per block, and for the output head
     def block_matmul_params(self) -> int:

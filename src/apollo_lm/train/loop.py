@@ -690,7 +690,7 @@ class Trainer:
                 self.model.set_requires_gradient_sync(last)
             no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with no_sync, _autocast(self.device, self.amp):
-                _, loss = net(batch.x, batch.y, layer_map=lmap)
+                _, loss = net(batch.x, batch.y, layer_map=lmap, loss_chunk=cfg.loss_chunk)
                 (loss * (weight / cfg.grad_accum)).backward()
             loss_sum += loss.detach()
         return loss_sum
