@@ -62,3 +62,17 @@ def test_analytic_flops_match_flop_counter(family, lmap):
     ours = train_step_flops(m, depth, T, B * T)
     assert abs(fc.get_total_flops() / ours - 1) < 0.05, (fc.get_total_flops(), ours)
     assert forward_flops_per_token(m, depth, T) > forward_flops_per_token(m, depth - 1, T)
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert", "llama"])
+def test_block_traces_as_one_graph(family):
+    """--compile compiles each block on its own; a graph break would split it and cost speed on a GPU."""
+    m = build_model(tiny(family, n_layer=1))
+    x = torch.randn(2, 16, 32)
+    if family == "llama":
+        from apollo_lm.models.llama import rotary_tables
+        args = (x, *rotary_tables(16, 8, m.config.rope_theta, x.device, x.dtype))
+    else:
+        args = (x, None) if family == "bert" else (x,)
+    e = torch._dynamo.explain(m.blocks[0])(*args)
+    assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
