@@ -77,9 +77,9 @@ step throughput-gpt2-base 120 python bench/throughput.py --size gpt2-base --dept
 # the same model at full depth with the chunked output layer + loss (never the whole 16k x 50k logits), and with
 # twice the batch that the memory saved allows: does it move MFU towards the 45 % target?
 step throughput-gpt2-base-chunked 50 python bench/throughput.py --size gpt2-base --depths 12 --steps 10 \
-    --loss-chunk 4096 --out "$OUT/throughput-gpt2-base-chunked.json"
+    --plain-only --loss-chunk 4096 --out "$OUT/throughput-gpt2-base-chunked.json"
 step throughput-gpt2-base-chunked-b32 50 python bench/throughput.py --size gpt2-base --depths 12 --steps 10 \
-    --loss-chunk 4096 --batch 32 --out "$OUT/throughput-gpt2-base-chunked-b32.json"
+    --plain-only --loss-chunk 4096 --batch 32 --out "$OUT/throughput-gpt2-base-chunked-b32.json"
 step growth-gpt-small 300 python bench/growth.py --size gpt-small --data-dir "$DATA" --out "$WORK/growth-gpt-small" \
     --methods scratch stack oneshot3-wsd progressive-wsd apollo-wsd-mean
 collect "$WORK/growth-gpt-small"

@@ -82,6 +82,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the size's)")
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="compute the output layer and loss this many positions at a time (apollo train --loss-chunk)")
+    p.add_argument("--plain-only", action="store_true", help="time the plain models only (no weight-shared one)")
     p.add_argument("--out", default=None, help="JSON file for the results")
     a = p.parse_args()
     size = SIZES[a.size]
@@ -100,7 +101,7 @@ def main() -> int:
     rows = []
     for D in depths:
         plain = Stepper(cfg, D, D, size, a.loss_chunk)
-        shared = Stepper(cfg, max(1, D // 3) if D > 1 else 1, D, size, a.loss_chunk) if D > 1 else None
+        shared = Stepper(cfg, max(1, D // 3), D, size, a.loss_chunk) if D > 1 and not a.plain_only else None
         for _ in range(3):
             plain.step()
             if shared:
