@@ -2,8 +2,8 @@
 
 The plain path (``chunk == 0``) computes the logits of every position, upcasts them to fp32 and calls
 ``F.cross_entropy``: with a 50k vocabulary and 16k tokens a step that is 3.3 GB of fp32 logits, written and read
-several times (upcast, softmax, its gradient, the downcast for the matmuls), and on a GPU a sizeable share of a
-small model's step goes to that memory traffic rather than to matmuls.
+several times (upcast, softmax, its gradient, the downcast for the matmuls): memory traffic and memory, not
+matmul work (how much of a GPU step it costs is what bench/throughput.py --loss-chunk measures).
 
 The chunked path (``chunk > 0``) runs the output matmul, the log-sum-exp and the gradient of the loss with
 respect to the logits for ``chunk`` rows at a time, and finishes each chunk's two gradient matmuls (hidden
