@@ -55,6 +55,9 @@ COMMON = ["--lr", "1e-3", "--beta1", "0.9", "--beta2", "0.95", "--weight-decay",
 ONESHOT3 = ["--stages", "3,12", "--grow-at", "0.6", "--schedule", "wsd", "--decay", "0.3"]
 C = ["--schedule", "cosine"]  # the schedule of the runs measured before wsd became the default (2026-11-23)
 SUM = ["--shared-grad", "sum"]  # sampling runs measured before averaged shared gradients became the default
+W4 = ["--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"]  # four stages 1 -> 3 -> 6 -> 12 grown at 10/20/50 %, wsd
+# three-stage stacking 3 -> 6 -> 12 at 20/50 %, 20 % wsd decay (the default stack since 2026-11-30, spelled out)
+STACK3 = ["--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12", "--grow-at", "0.2,0.5"]
 METHODS = {
     # the tool's defaults (warmup-stable-decay; stack = 3 -> 6 -> 12 at 20/50 %, 20 % decay, since 2026-11-30)
     "scratch": ["--method", "scratch"],
@@ -64,10 +67,9 @@ METHODS = {
     # warmup-stable-decay (decay over the last 20 %) with the later 10/20/50 % growth points, and stacking
     # 3 -> 6 -> 12 at 20/50 % (the default stack again since 2026-11-30)
     "scratch-wsd": ["--method", "scratch", "--schedule", "wsd", "--decay", "0.2"],
-    "stack-wsd": ["--method", "stack", "--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12", "--grow-at",
-                  "0.2,0.5"],
-    "progressive-wsd": ["--method", "progressive", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"],
-    "apollo-wsd": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", *SUM],
+    "stack-wsd": ["--method", "stack", *STACK3],
+    "progressive-wsd": ["--method", "progressive", *W4],
+    "apollo-wsd": ["--method", "apollo", *W4, *SUM],
     # one growth late in the stable phase, as zero/one-layer progressive training does (Bu 2025): one block
     # copied to all 12 at 60 %, or 3 blocks stacked 4 times (the default stack 2026-11-23..30), then 10 % stable and a
     # 30 % decay
@@ -78,7 +80,7 @@ METHODS = {
     # swings with the depth drawn, up to 12x in the 1-block stage, which AdamW's second moment and clipping see);
     # and LVPS on top of the winning one-growth stack schedule (3 blocks run at sampled depths 3..12 through the
     # stacking map for 60 %, then stacked to 12), with mean gradients, and sampling only in the stage's 2nd half
-    "apollo-wsd-mean": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--shared-grad",
+    "apollo-wsd-mean": ["--method", "apollo", *W4, "--shared-grad",
                         "mean"],
     "apollo-oneshot3": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, *SUM],
     "apollo-oneshot3-mean": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, "--shared-grad", "mean"],
@@ -86,11 +88,11 @@ METHODS = {
                                   "--sample-from", "0.5"],
     # LVPS drawing depths only up to the next stage's physical depth (1 block: 1..3, 3 blocks: 3..6, 6: 6..12):
     # the blocks practise the network the coming growth builds, not the 12-layer one, at less cost
-    "apollo-wsd-next": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--sample-to", "next"],
+    "apollo-wsd-next": ["--method", "apollo", *W4, "--sample-to", "next"],
     # and sampling only in the second half of each stage (the first half trains the physical depth alone)
-    "apollo-wsd-late": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--sample-from", "0.5"],
+    "apollo-wsd-late": ["--method", "apollo", *W4, "--sample-from", "0.5"],
     # LVPS that also trains the physical blocks at their own depth on every deep draw (--own-depth-weight)
-    "apollo-wsd-own": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5", "--own-depth-weight",
+    "apollo-wsd-own": ["--method", "apollo", *W4, "--own-depth-weight",
                        "1"],
     "apollo-oneshot3-own": ["--method", "apollo", "--layer-map", "stack", *ONESHOT3, "--shared-grad", "mean",
                             "--own-depth-weight", "1"],
@@ -98,10 +100,9 @@ METHODS = {
                                  "--own-depth-weight", "1", "--sample-from", "0.5"],
     # the best sampling recipe of the one-growth schedule (late LVPS + own-depth pass) on the four-stage schedule,
     # against progressive-wsd on equal growth points, and on the default three-stage stacking schedule
-    "apollo-wsd-own-late": ["--method", "apollo", "--schedule", "wsd", "--grow-at", "0.1,0.2,0.5",
+    "apollo-wsd-own-late": ["--method", "apollo", *W4,
                             "--own-depth-weight", "1", "--sample-from", "0.5"],
-    "apollo-stack3-own-late": ["--method", "apollo", "--layer-map", "stack", "--schedule", "wsd", "--decay", "0.2",
-                               "--stages", "3,6,12", "--grow-at", "0.2,0.5", "--own-depth-weight", "1",
+    "apollo-stack3-own-late": ["--method", "apollo", "--layer-map", "stack", *STACK3, "--own-depth-weight", "1",
                                "--sample-from", "0.5"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
