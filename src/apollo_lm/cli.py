@@ -132,6 +132,7 @@ def _add_ecosystem_parsers(sub: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train.dist import destroy
     from .train.loop import resume_run, start_run
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
@@ -162,6 +163,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                  trainer.mcfg.n_embd, trainer.mcfg.n_head, trainer.mcfg.vocab_size, cfg.method, n_params / 1e6,
                  len(trainer.corpus.train.tokens), len(trainer.corpus.valid.tokens))
     last = trainer.train()
+    # release the torchrun process group before exit: left to interpreter shutdown, gloo's threads were seen to
+    # abort a rank after a finished run ("terminate called without an active exception")
+    destroy(trainer.dist)
     st = trainer.state
     if trainer.done():
         val = st.last_val_loss
