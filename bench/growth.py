@@ -68,6 +68,9 @@ METHODS = {
     # 3 -> 6 -> 12 at 20/50 % (the default stack again since 2026-11-30)
     "scratch-wsd": ["--method", "scratch", "--schedule", "wsd", "--decay", "0.2"],
     "stack-wsd": ["--method", "stack", *STACK3],
+    # the same three stages grown later, at 30/60 % (a candidate for the default, 2026-11-30)
+    "stack-wsd-late": ["--method", "stack", "--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12",
+                       "--grow-at", "0.3,0.6"],
     "progressive-wsd": ["--method", "progressive", *W4],
     "apollo-wsd": ["--method", "apollo", *W4, *SUM],
     # one growth late in the stable phase, as zero/one-layer progressive training does (Bu 2025): one block

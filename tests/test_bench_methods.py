@@ -1,0 +1,49 @@
+"""bench/growth.py: every named method, on every size, is a valid run config that resolves to what it says."""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from apollo_lm.cli import build_parser
+from apollo_lm.config import RunConfig
+
+spec = importlib.util.spec_from_file_location("bench_growth", Path(__file__).parents[1] / "bench" / "growth.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def _config(argv: list[str]) -> RunConfig:
+    """The RunConfig `apollo train` would build from these options (as cli.cmd_train does)."""
+    args = build_parser().parse_args(["train", *argv])
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
+    cfg = RunConfig.from_dict(given, source="options")
+    cfg.validate()
+    cfg = cfg.resolved()
+    cfg.validate()
+    return cfg
+
+
+CASES = [("cpu", name) for name in sorted(bench.METHODS)] + \
+    [(size, name) for size in sorted(bench.SIZES) if size != "cpu" for name in ("scratch", "stack", "apollo")]
+
+
+@pytest.mark.parametrize("size, name", CASES)
+def test_every_bench_method_is_a_valid_config(size, name):
+    argv = [*bench.COMMON, *bench.SIZES[size]["args"], "--data", "x.jsonl", *bench.METHODS[name]]
+    cfg = _config(argv)
+    assert cfg.method == bench._last(argv, "--method")
+    if "--grow-at" in bench.METHODS[name]:
+        assert cfg.grow_at == bench._last(argv, "--grow-at")
+
+
+def test_named_schedules_match_the_defaults_they_spell_out():
+    """stack-wsd spells out the default stack; stack-wsd-late is the same but grows at 30/60 %."""
+    cpu = [*bench.COMMON, *bench.SIZES["cpu"]["args"], "--data", "x.jsonl"]
+    default = _config([*cpu, *bench.METHODS["stack"]])
+    spelled = _config([*cpu, *bench.METHODS["stack-wsd"]])
+    late = _config([*cpu, *bench.METHODS["stack-wsd-late"]])
+    assert (default.stages, default.grow_at, default.schedule, default.decay) == \
+        (spelled.stages, spelled.grow_at, spelled.schedule, spelled.decay)
+    assert (late.stages, late.grow_at, late.decay) == ("3,6,12", "0.3,0.6", 0.2)
