@@ -51,24 +51,26 @@ COMMON = ["--lr", "1e-3", "--beta1", "0.9", "--beta2", "0.95", "--weight-decay",
           "--log-every", "1", "--save-every", "1000000"]
 
 # one growth: 3 blocks grown once to 12 at 60 %, then a 30 % wsd decay (the default stack 2026-11-23..30; it missed
-# scratch's loss with 10M tokens, so the default is now 3 -> 6 -> 12 at 20/50 %, = stack-wsd)
+# scratch's loss with 10M tokens, so the default became 3 -> 6 -> 12 at 20/50 % (stack-wsd), then at 30/60 %
+# (stack-wsd-late, the default since the third session of 2026-11-30))
 ONESHOT3 = ["--stages", "3,12", "--grow-at", "0.6", "--schedule", "wsd", "--decay", "0.3"]
 C = ["--schedule", "cosine"]  # the schedule of the runs measured before wsd became the default (2026-11-23)
 SUM = ["--shared-grad", "sum"]  # sampling runs measured before averaged shared gradients became the default
 W4 = ["--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"]  # four stages 1 -> 3 -> 6 -> 12 grown at 10/20/50 %, wsd
-# three-stage stacking 3 -> 6 -> 12 at 20/50 %, 20 % wsd decay (the default stack since 2026-11-30, spelled out)
+# three-stage stacking 3 -> 6 -> 12 at 20/50 %, 20 % wsd decay (the default stack in the first two sessions of
+# 2026-11-30; the default now grows the same stages at 30/60 %: stack-wsd-late)
 STACK3 = ["--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12", "--grow-at", "0.2,0.5"]
 METHODS = {
-    # the tool's defaults (warmup-stable-decay; stack = 3 -> 6 -> 12 at 20/50 %, 20 % decay, since 2026-11-30)
+    # the tool's defaults (warmup-stable-decay; stack = 3 -> 6 -> 12 at 30/60 %, 20 % decay, since 2026-11-30)
     "scratch": ["--method", "scratch"],
     "stack": ["--method", "stack"],
     "progressive": ["--method", "progressive"],
     "apollo": ["--method", "apollo"],
     # warmup-stable-decay (decay over the last 20 %) with the later 10/20/50 % growth points, and stacking
-    # 3 -> 6 -> 12 at 20/50 % (the default stack again since 2026-11-30)
+    # 3 -> 6 -> 12 at 20/50 % (the default stack in the first two sessions of 2026-11-30)
     "scratch-wsd": ["--method", "scratch", "--schedule", "wsd", "--decay", "0.2"],
     "stack-wsd": ["--method", "stack", *STACK3],
-    # the same three stages grown later, at 30/60 % (a candidate for the default, 2026-11-30)
+    # the same three stages grown later, at 30/60 %: today's default stack, spelled out
     "stack-wsd-late": ["--method", "stack", "--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12",
                        "--grow-at", "0.3,0.6"],
     "progressive-wsd": ["--method", "progressive", *W4],

@@ -39,11 +39,11 @@ def test_every_bench_method_is_a_valid_config(size, name):
 
 
 def test_named_schedules_match_the_defaults_they_spell_out():
-    """stack-wsd spells out the default stack; stack-wsd-late is the same but grows at 30/60 %."""
+    """stack-wsd-late spells out the default stack; stack-wsd is the same but grows at 20/50 %."""
     cpu = [*bench.COMMON, *bench.SIZES["cpu"]["args"], "--data", "x.jsonl"]
     default = _config([*cpu, *bench.METHODS["stack"]])
-    spelled = _config([*cpu, *bench.METHODS["stack-wsd"]])
-    late = _config([*cpu, *bench.METHODS["stack-wsd-late"]])
+    spelled = _config([*cpu, *bench.METHODS["stack-wsd-late"]])
+    early = _config([*cpu, *bench.METHODS["stack-wsd"]])
     assert (default.stages, default.grow_at, default.schedule, default.decay) == \
         (spelled.stages, spelled.grow_at, spelled.schedule, spelled.decay)
-    assert (late.stages, late.grow_at, late.decay) == ("3,6,12", "0.3,0.6", 0.2)
+    assert (early.stages, early.grow_at, early.decay) == ("3,6,12", "0.2,0.5", 0.2)

@@ -495,8 +495,8 @@ def parse_grow_at(text: str) -> list[tuple[float, str]]:
 
 def default_stages(method: str, n_layer: int) -> list[int]:
     """Apollo's 1 -> 3 -> 6 -> 12 for 12 layers, adapted to other depths; for stacking a quarter, a half, then the
-    target depth (3 -> 6 -> 12), which reached scratch's loss at every budget we measured and ended lowest; one
-    growth (3 -> 12) saved more with short budgets but missed scratch's loss with longer ones (BENCHMARKS.md)."""
+    target depth (3 -> 6 -> 12), which reached scratch's loss at every budget and seed we measured; one growth
+    (3 -> 12) saved more with short budgets but missed scratch's loss with longer ones (BENCHMARKS.md)."""
     if method == "stack":
         return sorted({max(1, n_layer // 4), max(1, n_layer // 2), n_layer})
     if n_layer == 12:
@@ -507,11 +507,14 @@ def default_stages(method: str, n_layer: int) -> list[int]:
 
 def default_grow_at(n_stages: int, method: str = "apollo") -> list[float]:
     """Growth points as fractions of the budget, truncated to the number of stages: Apollo's published 5 %, 10 %,
-    25 % for apollo and progressive; for stack 20 %, 50 % (10 %, 20 %, 50 % with four stages), and 60 % for a
-    single growth, late in the stable phase of the wsd schedule as zero/one-layer progressive training does (our
-    CPU measurements, BENCHMARKS.md)."""
+    25 % for apollo and progressive. For stack, late in the stable phase of the wsd schedule, as zero/one-layer
+    progressive training grows: 30 %, 60 % with three stages (against 20 %, 50 %: the same final loss at 3M
+    tokens and 5 to 7 points more compute saved to reach scratch's loss at 3M to 20M tokens, BENCHMARKS.md),
+    60 % for a single growth, 10 %, 20 %, 50 % with four stages."""
     if method == "stack" and n_stages == 2:
         return [0.6]
+    if method == "stack" and n_stages == 3:
+        return [0.3, 0.6]
     pts = [0.10, 0.20, 0.50] if method == "stack" else [0.05, 0.10, 0.25]
     if n_stages - 1 <= len(pts):
         return pts[len(pts) - (n_stages - 1):] if n_stages > 1 else []
