@@ -1,4 +1,5 @@
-"""bench/growth.py: every named method, on every size, is a valid run config that resolves to what it says."""
+"""bench/growth.py: every named method (on the cpu size; the default ones on every size) is a valid run config that
+resolves to what it says."""
 
 import dataclasses
 import importlib.util

@@ -150,7 +150,8 @@ class RunConfig:
                               "target depth); staged: growth events, e.g. 'width:256->512@0.3, depth:6->12@0.6' "
                               "(@auto: when the slope rule says); default adapts to the target", group="growth")
     grow_at: str | None = _opt("stage starts after the first: fractions of the budget (0.05,0.1,0.25), or steps "
-                               "(100s,200s) or tokens (1Mt,2Mt)", group="growth")
+                               "(100s,200s) or tokens (1Mt,2Mt); default apollo/progressive 0.05,0.1,0.25, stack "
+                               "0.3,0.6 (one growth: 0.6)", group="growth")
     sampler: str | None = _opt("depth sampler (apollo default lvps; others none)", choices=SAMPLERS,
                                group="growth")
     layer_map: str | None = _opt("how logical layers map to physical blocks and how blocks are copied on growth "
