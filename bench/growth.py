@@ -59,7 +59,8 @@ SUM = ["--shared-grad", "sum"]  # sampling runs measured before averaged shared 
 W4 = ["--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"]  # four stages 1 -> 3 -> 6 -> 12 grown at 10/20/50 %, wsd
 # three-stage stacking 3 -> 6 -> 12 at 20/50 %, 20 % wsd decay (the default stack in the first two sessions of
 # 2026-11-30; the default now grows the same stages at 30/60 %: stack-wsd-late)
-STACK3 = ["--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12", "--grow-at", "0.2,0.5"]
+STACKS3 = ["--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12"]
+STACK3 = [*STACKS3, "--grow-at", "0.2,0.5"]
 METHODS = {
     # the tool's defaults (warmup-stable-decay; stack = 3 -> 6 -> 12 at 30/60 %, 20 % decay, since 2026-11-30)
     "scratch": ["--method", "scratch"],
@@ -71,8 +72,7 @@ METHODS = {
     "scratch-wsd": ["--method", "scratch", "--schedule", "wsd", "--decay", "0.2"],
     "stack-wsd": ["--method", "stack", *STACK3],
     # the same three stages grown later, at 30/60 %: today's default stack, spelled out
-    "stack-wsd-late": ["--method", "stack", "--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12",
-                       "--grow-at", "0.3,0.6"],
+    "stack-wsd-late": ["--method", "stack", *STACKS3, "--grow-at", "0.3,0.6"],
     "progressive-wsd": ["--method", "progressive", *W4],
     "apollo-wsd": ["--method", "apollo", *W4, *SUM],
     # one growth late in the stable phase, as zero/one-layer progressive training does (Bu 2025): one block

@@ -1,13 +1,12 @@
 """bench/growth.py: every named method (on the cpu size; the default ones on every size) is a valid run config that
 resolves to what it says."""
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-from apollo_lm.cli import build_parser
+from apollo_lm.cli import build_config, build_parser
 from apollo_lm.config import RunConfig
 
 spec = importlib.util.spec_from_file_location("bench_growth", Path(__file__).parents[1] / "bench" / "growth.py")
@@ -16,14 +15,8 @@ spec.loader.exec_module(bench)
 
 
 def _config(argv: list[str]) -> RunConfig:
-    """The RunConfig `apollo train` would build from these options (as cli.cmd_train does)."""
-    args = build_parser().parse_args(["train", *argv])
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
-    cfg = RunConfig.from_dict(given, source="options")
-    cfg.validate()
-    cfg = cfg.resolved()
-    cfg.validate()
-    return cfg
+    """The RunConfig `apollo train` builds from these options."""
+    return build_config(build_parser().parse_args(["train", *argv]))
 
 
 CASES = [("cpu", name) for name in sorted(bench.METHODS)] + \

@@ -135,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.dist import destroy
     from .train.loop import resume_run, start_run
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
+    given = _given(args)
     if args.resume:
         if args.config:
             raise UserError("--resume continues a run with its own saved config: drop --config")
@@ -145,14 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                             f"{', '.join('--' + e.replace('_', '-') for e in extra)}")
         trainer = resume_run(Path(args.resume), args.stop_after, given)
     else:
-        values = load_config_file(args.config) if args.config else {}
-        values.update(given)
-        if values.get("init_from"):
-            _fill_from_hf(values)
-        cfg = RunConfig.from_dict(values, source=args.config or "options")
-        cfg.validate()
-        cfg = cfg.resolved()
-        cfg.validate()
+        cfg = build_config(args)
         if cfg.out is None:
             cfg.out = f"runs/{cfg.model}-{cfg.preset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
         trainer = start_run(cfg, Path(cfg.out))
@@ -175,6 +168,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.info("run directory: %s (metrics.jsonl, checkpoints/); evaluate with: apollo eval %s --data FILE",
                  trainer.run_dir, trainer.run_dir)
     return 0 if last is not None else 1
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options on the command line (unset ones are None)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """The validated, resolved RunConfig of a new run: the --config file, overridden by the options given, unset
+    architecture options filled from --init-from."""
+    values = load_config_file(args.config) if args.config else {}
+    values.update(_given(args))
+    if values.get("init_from"):
+        _fill_from_hf(values)
+    cfg = RunConfig.from_dict(values, source=args.config or "options")
+    cfg.validate()
+    cfg = cfg.resolved()
+    cfg.validate()
+    return cfg
 
 
 def _fill_from_hf(values: dict[str, Any]) -> None:

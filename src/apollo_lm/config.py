@@ -506,17 +506,20 @@ def default_stages(method: str, n_layer: int) -> list[int]:
     return stages
 
 
+# stack's growth points by number of stages (BENCHMARKS.md): one growth late, three stages at 30/60 %, four as the
+# measured four-stage schedule
+STACK_GROW_AT = {1: [], 2: [0.6], 3: [0.3, 0.6], 4: [0.1, 0.2, 0.5]}
+
+
 def default_grow_at(n_stages: int, method: str = "apollo") -> list[float]:
     """Growth points as fractions of the budget, truncated to the number of stages: Apollo's published 5 %, 10 %,
     25 % for apollo and progressive. For stack, late in the stable phase of the wsd schedule, as zero/one-layer
     progressive training grows: 30 %, 60 % with three stages (against 20 %, 50 %: the same final loss at 3M
     tokens and 5 to 7 points more compute saved to reach scratch's loss at 3M to 20M tokens, BENCHMARKS.md),
     60 % for a single growth, 10 %, 20 %, 50 % with four stages."""
-    if method == "stack" and n_stages == 2:
-        return [0.6]
-    if method == "stack" and n_stages == 3:
-        return [0.3, 0.6]
-    pts = [0.10, 0.20, 0.50] if method == "stack" else [0.05, 0.10, 0.25]
+    if method == "stack" and n_stages in STACK_GROW_AT:
+        return list(STACK_GROW_AT[n_stages])
+    pts = [0.05, 0.10, 0.25]
     if n_stages - 1 <= len(pts):
         return pts[len(pts) - (n_stages - 1):] if n_stages > 1 else []
     step = 0.5 / (n_stages - 1)
