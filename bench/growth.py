@@ -109,6 +109,11 @@ METHODS = {
                             "--own-depth-weight", "1", "--sample-from", "0.5"],
     "apollo-stack3-own-late": ["--method", "apollo", "--layer-map", "stack", *STACK3, "--own-depth-weight", "1",
                                "--sample-from", "0.5"],
+    # the reverse of late sampling, on the default's schedule (3 -> 6 -> 12 at 30/60 %, stacking map): LVPS in the
+    # first half of each stage, then the blocks train at their own depth up to the growth (which the runs above
+    # found decides the final loss), so the deep draws' lessons come early and the own depth is repaired after
+    "apollo-stack-early": ["--method", "apollo", "--layer-map", "stack", *STACKS3, "--grow-at", "0.3,0.6",
+                           "--sample-until", "0.5"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],

@@ -234,6 +234,30 @@ def test_sample_from_keeps_early_stage_at_physical_depth(tmp_path, corpus_files)
     assert StageSchedule((2, 6), (12,)).fraction_of_stage(6, 24) == 0.5
 
 
+def test_sample_until_ends_each_stage_at_physical_depth(tmp_path, corpus_files):
+    """--sample-until: depths are drawn only before that fraction of each stage, then the stage trains its own
+    depth; with --sample-from the draws fall in the window between the two."""
+    out = _growth_run(tmp_path, corpus_files, "early", "--method", "apollo", "--stages", "2,6", "--grow-at", "0.5",
+                      "--sample-until", "0.5", "--sampler", "fs")
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["depth"] for r in rows[:12]] == [6] * 6 + [2] * 6
+    assert "sampling until 0.5 of each stage" in recipe(json.loads((out / "config.json").read_text()))
+    out = _growth_run(tmp_path, corpus_files, "window", "--method", "apollo", "--stages", "2,6", "--grow-at", "0.5",
+                      "--sample-from", "0.25", "--sample-until", "0.75", "--sampler", "fs")
+    assert [r["depth"] for r in read_metrics(out / "metrics.jsonl")[:12]] == [2] * 3 + [6] * 6 + [2] * 3
+    assert "sampling from 0.25 until 0.75" in recipe(json.loads((out / "config.json").read_text()))
+
+
+@pytest.mark.parametrize("window", [("--sample-until", "0"), ("--sample-from", "0.5", "--sample-until", "0.5"),
+                                    ("--sample-until", "1.5")])
+def test_sample_window_out_of_range_is_refused(tmp_path, corpus_files, capsys, window):
+    train, valid = corpus_files
+    assert run_cli("train", "--data", str(train), "--valid", str(valid), "--out", str(tmp_path / "w"), *TINY,
+                   "--steps", "2", "--method", "apollo", *window) == 2
+    assert "--sample-until must be in (--sample-from, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 def test_sample_to_next_caps_depth_at_next_stage(tmp_path, corpus_files):
     """--sample-to next: the fs sampler (always the deepest allowed) draws the next stage's physical depth, not the
     target depth, and the last stage runs its own full depth."""

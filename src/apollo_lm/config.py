@@ -165,6 +165,9 @@ class RunConfig:
                             choices=("sum", "mean"), group="growth")
     sample_from: float = _opt("sample depths only after this fraction of each stage (0: the whole stage, as in "
                               "the paper); before it the stage runs its physical depth", default=0.0, group="growth")
+    sample_until: float = _opt("sample depths only before this fraction of each stage (1: to its end, as in the "
+                               "paper); after it the stage runs its physical depth, so the blocks end the stage "
+                               "trained at their own depth", default=1.0, group="growth")
     sample_to: str = _opt("deepest depth drawn: target (the model's full depth, as in the paper) or next (the next "
                           "stage's physical depth: the network the coming growth will build)", default="target",
                           choices=("target", "next"), group="growth")
@@ -306,6 +309,9 @@ class RunConfig:
             raise UserError(f"unknown --layer-map {c.layer_map!r}: choose one of {', '.join(LAYER_MAPS)}")
         if not (0 <= c.sample_from < 1):
             raise UserError(f"--sample-from must be in [0, 1), got {c.sample_from}")
+        if not (c.sample_from < c.sample_until <= 1):
+            raise UserError(f"--sample-until must be in (--sample-from, 1], got {c.sample_until} with --sample-from "
+                            f"{c.sample_from}: depths are drawn only between the two fractions of each stage")
         if c.sample_to not in ("target", "next"):
             raise UserError(f"--sample-to must be target or next, got {c.sample_to!r}")
         if c.shared_grad not in ("sum", "mean"):

@@ -596,9 +596,10 @@ class Trainer:
             if stage != st.stage or self.schedule.stages[stage] != st.n_blocks:
                 self._grow(stage)
         n = st.n_blocks
-        if cfg.sample_from > 0 and self.schedule.fraction_of_stage(self.position(), self.budget_total) < \
-                cfg.sample_from:
-            depth = n  # early in the stage: the physical depth only (no draw, so the stream is not consumed)
+        if (cfg.sample_from > 0 or cfg.sample_until < 1) and not \
+                cfg.sample_from <= self.schedule.fraction_of_stage(self.position(), self.budget_total) < \
+                cfg.sample_until:
+            depth = n  # outside the stage's sampling window: the physical depth only (no draw: stream not consumed)
         else:
             depth = self.samplers[min(st.stage, len(self.samplers) - 1)].sample(n, self.sampler_rng)
         lmap = None if depth == n and cfg.layer_map == "interpolate" else layer_map(cfg.layer_map, n, depth)
