@@ -73,6 +73,16 @@ def test_tokenizer_train_save_load(tmp_path, docs, family):
         load_tokenizer(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_tokenizer_training_is_reproducible(docs, family):
+    """The same text gives the same tokenizer, ids included, every time it is trained (the WordPiece trainer alone
+    numbers its continuation characters in a hash map's random order: we renumber them canonically)."""
+    vocabs = [train_tokenizer(docs[:800], family, vocab_size=400).get_vocab() for _ in range(4)]
+    assert all(v == vocabs[0] for v in vocabs[1:])
+    if family == "bert":
+        assert [vocabs[0][t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
+
+
 def _cfg(train, valid=None, **kw):
     base = dict(data=[str(train)], valid=[str(valid)] if valid else [], vocab_size=300, seq_len=32)
     base.update(kw)

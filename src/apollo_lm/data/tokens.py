@@ -90,7 +90,7 @@ def get_tokenizer(cfg, sources: list[str]) -> Tokenizer:
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     key = _key(["tok", CACHE_VERSION, _fingerprint(sources), cfg.model, cfg.vocab_size, cfg.tokenizer_sample,
-                cfg.text_field, cfg.txt_docs])
+                cfg.text_field, cfg.txt_docs] + (["canonical ids"] if cfg.model == "bert" else []))
     path = cache_root(cfg.cache_dir) / "tokenizers" / key / "tokenizer.json"
     if path.is_file():
         log.info("using cached tokenizer %s", path)
