@@ -61,6 +61,7 @@ W4 = ["--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"]  # four stages 1 -> 3 -> 
 # 2026-11-30; the default now grows the same stages at 30/60 %: stack-wsd-late)
 STACKS3 = ["--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12"]
 STACK3 = [*STACKS3, "--grow-at", "0.2,0.5"]
+STACK3_LATE = [*STACKS3, "--grow-at", "0.3,0.6"]  # the same stages at 30/60 %: today's default stack
 METHODS = {
     # the tool's defaults (warmup-stable-decay; stack = 3 -> 6 -> 12 at 30/60 %, 20 % decay, since 2026-11-30)
     "scratch": ["--method", "scratch"],
@@ -72,7 +73,7 @@ METHODS = {
     "scratch-wsd": ["--method", "scratch", "--schedule", "wsd", "--decay", "0.2"],
     "stack-wsd": ["--method", "stack", *STACK3],
     # the same three stages grown later, at 30/60 %: today's default stack, spelled out
-    "stack-wsd-late": ["--method", "stack", *STACKS3, "--grow-at", "0.3,0.6"],
+    "stack-wsd-late": ["--method", "stack", *STACK3_LATE],
     "progressive-wsd": ["--method", "progressive", *W4],
     "apollo-wsd": ["--method", "apollo", *W4, *SUM],
     # one growth late in the stable phase, as zero/one-layer progressive training does (Bu 2025): one block
@@ -112,8 +113,7 @@ METHODS = {
     # the reverse of late sampling, on the default's schedule (3 -> 6 -> 12 at 30/60 %, stacking map): LVPS in the
     # first half of each stage, then the blocks train at their own depth up to the growth (which the runs above
     # found decides the final loss), so the deep draws' lessons come early and the own depth is repaired after
-    "apollo-stack-early": ["--method", "apollo", "--layer-map", "stack", *STACKS3, "--grow-at", "0.3,0.6",
-                           "--sample-until", "0.5"],
+    "apollo-stack-early": ["--method", "apollo", "--layer-map", "stack", *STACK3_LATE, "--sample-until", "0.5"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],

@@ -60,10 +60,10 @@ def recipe(c: dict[str, Any]) -> str:
             parts.append(f"{c['layer_map']} map")
         if c.get("shared_grad", "sum") == "sum" and c.get("sampler") not in (None, "none"):
             parts.append("summed shared grads")  # the default until 2026-11-23, and the paper's code
-        if c.get("sample_from") or c.get("sample_until", 1) < 1:
-            window = [f"from {c['sample_from']:g}" if c.get("sample_from") else "",
-                      f"until {c['sample_until']:g}" if c.get("sample_until", 1) < 1 else ""]
-            parts.append("sampling " + " ".join(w for w in window if w) + " of each stage")
+        window = ([f"from {c['sample_from']:g}"] if c.get("sample_from") else []) + \
+            ([f"until {c['sample_until']:g}"] if c.get("sample_until", 1) < 1 else [])
+        if window:
+            parts.append("sampling " + " ".join(window) + " of each stage")
         if c.get("sample_to") == "next" and c.get("sampler") not in (None, "none"):
             parts.append("sampling up to the next stage's depth")
         if c.get("own_depth_weight") and c.get("sampler") not in (None, "none"):
