@@ -114,6 +114,14 @@ METHODS = {
     # first half of each stage, then the blocks train at their own depth up to the growth (which the runs above
     # found decides the final loss), so the deep draws' lessons come early and the own depth is repaired after
     "apollo-stack-early": ["--method", "apollo", "--layer-map", "stack", *STACK3_LATE, "--sample-until", "0.5"],
+    # the paper's sampler ablation (its BERT-Base ranking: LVPS > ES > US > none > FS) on the four-stage schedule,
+    # mean shared gradients: edge, uniform and full sampling, and LVPS with the curve's low end at 0.3 instead of
+    # the release's 0.6 (83 % of draws at the physical depth instead of 64 %); none is progressive-wsd, LVPS is
+    # apollo-wsd-mean
+    "apollo-wsd-es": ["--method", "apollo", *W4, "--sampler", "es"],
+    "apollo-wsd-us": ["--method", "apollo", *W4, "--sampler", "us"],
+    "apollo-wsd-fs": ["--method", "apollo", *W4, "--sampler", "fs"],
+    "apollo-wsd-lvps0.3": ["--method", "apollo", *W4, "--lvps-low", "0.3"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],
