@@ -111,3 +111,17 @@ def test_failed_checkpoint_write_keeps_the_previous(tmp_path, corpus_files, monk
     assert "No space left on device" in err and "step_00000003" in err
     assert [p.name for p in checkpoint_dirs(tmp_path / "full")] == ["step_00000003"]
     assert not list((tmp_path / "full" / "checkpoints").glob(".tmp-*"))
+
+
+def test_output_to_a_closed_pipe_exits_quietly():
+    """`apollo depths ... | head -1`: when the reader has gone, the command stops without a traceback (exit 141,
+    as a tool killed by SIGPIPE reports in the shell)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        r = subprocess.run([sys.executable, "-m", "apollo_lm", "depths", "--blocks", "3", "--depth", "12", "--draws",
+                            "1000"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141, r.stderr
+    assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
