@@ -124,3 +124,9 @@ def test_recipe_names_what_departs_from_the_defaults():
                    "grow_optimizer_state": "reset", "lr": 3e-4}) == \
         "progressive, 1,3,6,12 at 0.05,0.1,0.25, moments reset, wsd (decay 0.3), lr 0.0003"
     assert recipe({"method": "scratch"}) == "scratch"  # an older run's config without these keys
+    # LVPS with other curve constants than the release's 0.6 / 0.4 says so; the other samplers have none
+    assert recipe({**base, "method": "apollo", "sampler": "lvps", "stages": "1,3,6,12", "grow_at": "0.1,0.2,0.5",
+                   "shared_grad": "mean", "lvps_low": 0.3, "lvps_high": 0.4}) == \
+        "apollo (lvps 0.3/0.4), 1,3,6,12 at 0.1,0.2,0.5, wsd (decay 0.3), lr 0.001"
+    assert recipe({**base, "method": "apollo", "sampler": "es", "stages": "1,3,6,12", "shared_grad": "mean",
+                   "lvps_low": 0.3}).startswith("apollo (es), 1,3,6,12, wsd")

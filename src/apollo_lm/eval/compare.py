@@ -51,7 +51,9 @@ def recipe(c: dict[str, Any]) -> str:
     method = c.get("method") or "?"
     parts = [method]
     if c.get("sampler") not in (None, "none"):
-        parts[0] += f" ({c['sampler']})"
+        lvps = (c.get("lvps_low", 0.6), c.get("lvps_high", 0.4))
+        constants = f" {lvps[0]:g}/{lvps[1]:g}" if c["sampler"] == "lvps" and lvps != (0.6, 0.4) else ""
+        parts[0] += f" ({c['sampler']}{constants})"
     if method != "scratch":
         if c.get("stages"):
             parts.append(str(c["stages"]).replace(" ", "") + (f" at {c['grow_at']}" if c.get("grow_at") else ""))
