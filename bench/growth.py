@@ -116,8 +116,8 @@ METHODS = {
     "apollo-stack-early": ["--method", "apollo", "--layer-map", "stack", *STACK3_LATE, "--sample-until", "0.5"],
     # the paper's sampler ablation (its BERT-Base ranking: LVPS > ES > US > none > FS) on the four-stage schedule,
     # mean shared gradients: edge, uniform and full sampling, and LVPS with the curve's low end at 0.3 instead of
-    # the release's 0.6 (83 % of draws at the physical depth instead of 64 %); none is progressive-wsd, LVPS is
-    # apollo-wsd-mean
+    # the release's 0.6 (82 to 92 % of the steps at the physical depth instead of 61 to 77 %, measured); none is
+    # progressive-wsd, LVPS is apollo-wsd-mean
     "apollo-wsd-es": ["--method", "apollo", *W4, "--sampler", "es"],
     "apollo-wsd-us": ["--method", "apollo", *W4, "--sampler", "us"],
     "apollo-wsd-fs": ["--method", "apollo", *W4, "--sampler", "fs"],

@@ -296,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # the reader went away (`apollo depths ... | head`): stop quietly, as Unix tools do, and point stdout at
-        # /dev/null so that the interpreter's final flush does not raise again
+        if args.command == "train":  # training prints its results to files, not stdout: a broken pipe is a fault
+            raise
+        # the reader of a report went away (`apollo depths ... | head`): stop quietly, as Unix tools do, and point
+        # stdout at /dev/null so that the interpreter's final flush does not raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
 
