@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, load_config_file
+from .config import SAMPLERS, RunConfig, load_config_file
 from .errors import UserError
 
 log = logging.getLogger("apollo_lm")
@@ -74,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     d = sub.add_parser("depths", help="show the depth distribution a sampler produces")
-    d.add_argument("--sampler", default="lvps", choices=("lvps", "es", "us", "fs", "none"))
+    d.add_argument("--sampler", default="lvps", choices=SAMPLERS)
     d.add_argument("--blocks", type=int, required=True, help="physical blocks n")
     d.add_argument("--depth", type=int, required=True, help="target depth L")
     d.add_argument("--draws", type=int, default=100_000)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--lvps-low", type=float, default=0.6)
-    d.add_argument("--lvps-high", type=float, default=0.4)
+    d.add_argument("--lvps-low", type=float, default=RunConfig.lvps_low)
+    d.add_argument("--lvps-high", type=float, default=RunConfig.lvps_high)
     d.add_argument("--json", action="store_true", help="print {depth: frequency} as one JSON object")
     d.add_argument("--plot", metavar="PNG", help="also save a bar chart")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import RunConfig
 from ..errors import UserError
 from ..train.metrics import read_metrics
 
@@ -50,9 +51,11 @@ def recipe(c: dict[str, Any]) -> str:
     late sampling, reset moments), then the schedule and peak learning rate."""
     method = c.get("method") or "?"
     parts = [method]
-    if c.get("sampler") not in (None, "none"):
-        lvps = (c.get("lvps_low", 0.6), c.get("lvps_high", 0.4))
-        constants = f" {lvps[0]:g}/{lvps[1]:g}" if c["sampler"] == "lvps" and lvps != (0.6, 0.4) else ""
+    sampled = c.get("sampler") not in (None, "none")
+    if sampled:
+        release = (RunConfig.lvps_low, RunConfig.lvps_high)  # the config's defaults: the release's constants
+        lvps = (c.get("lvps_low", release[0]), c.get("lvps_high", release[1]))
+        constants = f" {lvps[0]:g}/{lvps[1]:g}" if c["sampler"] == "lvps" and lvps != release else ""
         parts[0] += f" ({c['sampler']}{constants})"
     if method != "scratch":
         if c.get("stages"):
@@ -60,15 +63,15 @@ def recipe(c: dict[str, Any]) -> str:
         default_map = "stack" if method == "stack" else "interpolate"
         if c.get("layer_map") and c["layer_map"] != default_map and method in ("apollo", "progressive", "stack"):
             parts.append(f"{c['layer_map']} map")
-        if c.get("shared_grad", "sum") == "sum" and c.get("sampler") not in (None, "none"):
+        if c.get("shared_grad", "sum") == "sum" and sampled:
             parts.append("summed shared grads")  # the default until 2026-11-23, and the paper's code
         window = ([f"from {c['sample_from']:g}"] if c.get("sample_from") else []) + \
             ([f"until {c['sample_until']:g}"] if c.get("sample_until", 1) < 1 else [])
         if window:
             parts.append("sampling " + " ".join(window) + " of each stage")
-        if c.get("sample_to") == "next" and c.get("sampler") not in (None, "none"):
+        if c.get("sample_to") == "next" and sampled:
             parts.append("sampling up to the next stage's depth")
-        if c.get("own_depth_weight") and c.get("sampler") not in (None, "none"):
+        if c.get("own_depth_weight") and sampled:
             parts.append(f"own-depth loss x{c['own_depth_weight']:g} on deep draws")
         if c.get("grow_optimizer_state") == "reset":
             parts.append("moments reset")
