@@ -122,6 +122,10 @@ METHODS = {
     "apollo-wsd-us": ["--method", "apollo", *W4, "--sampler", "us"],
     "apollo-wsd-fs": ["--method", "apollo", *W4, "--sampler", "fs"],
     "apollo-wsd-lvps0.3": ["--method", "apollo", *W4, "--lvps-low", "0.3"],
+    # a causal test of the plateau finding of that ablation (deep draws of the single block of the 1-block stage
+    # delay the escape from the unigram plateau): LVPS only in the stages with 3 or more blocks, the 1-block stage
+    # trained at depth 1 as in progressive-wsd
+    "apollo-wsd-min3": ["--method", "apollo", *W4, "--sample-min-blocks", "3"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],

@@ -248,6 +248,22 @@ def test_sample_until_ends_each_stage_at_physical_depth(tmp_path, corpus_files):
     assert "sampling from 0.25 until 0.75" in recipe(json.loads((out / "config.json").read_text()))
 
 
+def test_sample_min_blocks_keeps_small_stages_at_physical_depth(tmp_path, corpus_files, capsys):
+    """--sample-min-blocks 3 on 1 -> 3 -> 6: the 1-block stage runs depth 1 on every step (no draws), the later
+    stages draw as usual (fs: always the target depth); out-of-range values are refused before anything is made."""
+    out = _growth_run(tmp_path, corpus_files, "min3", "--method", "apollo", "--stages", "1,3,6", "--grow-at",
+                      "0.25,0.5", "--sampler", "fs", "--sample-min-blocks", "3")
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [(r["n_blocks"], r["depth"]) for r in rows] == [(1, 1)] * 6 + [(3, 6)] * 6 + [(6, 6)] * 12
+    assert "sampling only with 3+ blocks" in recipe(json.loads((out / "config.json").read_text()))
+    train, valid = corpus_files
+    for bad in ("0", "7"):
+        assert run_cli("train", "--data", str(train), "--valid", str(valid), "--out", str(tmp_path / "m"), *TINY,
+                       "--n-layer", "6", "--steps", "2", "--method", "apollo", "--sample-min-blocks", bad) == 2
+        assert "--sample-min-blocks must be between 1 and the target depth" in capsys.readouterr().err
+        assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("window", [("--sample-until", "0"), ("--sample-from", "0.5", "--sample-until", "0.5"),
                                     ("--sample-until", "1.5")])
 def test_sample_window_out_of_range_is_refused(tmp_path, corpus_files, capsys, window):

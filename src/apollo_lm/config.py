@@ -168,6 +168,9 @@ class RunConfig:
     sample_until: float = _opt("sample depths only before this fraction of each stage (1: to its end, as in the "
                                "paper); after it the stage runs its physical depth, so the blocks end the stage "
                                "trained at their own depth", default=1.0, group="growth")
+    sample_min_blocks: int = _opt("sample depths only in stages with at least this many physical blocks (1: every "
+                                  "stage, as in the paper); smaller stages run their physical depth, so e.g. 3 keeps "
+                                  "the 1-block stage of 1,3,6,12 free of deep draws", default=1, group="growth")
     sample_to: str = _opt("deepest depth drawn: target (the model's full depth, as in the paper) or next (the next "
                           "stage's physical depth: the network the coming growth will build)", default="target",
                           choices=("target", "next"), group="growth")
@@ -312,6 +315,9 @@ class RunConfig:
         if not (c.sample_from < c.sample_until <= 1):
             raise UserError(f"--sample-until must be in (--sample-from, 1], got {c.sample_until} with --sample-from "
                             f"{c.sample_from}: depths are drawn only between the two fractions of each stage")
+        if c.sample_min_blocks < 1 or (c.n_layer is not None and c.sample_min_blocks > c.n_layer):
+            raise UserError(f"--sample-min-blocks must be between 1 and the target depth (--n-layer), got "
+                            f"{c.sample_min_blocks}: depths are drawn only in stages with at least that many blocks")
         if c.sample_to not in ("target", "next"):
             raise UserError(f"--sample-to must be target or next, got {c.sample_to!r}")
         if c.shared_grad not in ("sum", "mean"):

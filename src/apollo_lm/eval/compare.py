@@ -69,6 +69,8 @@ def recipe(c: dict[str, Any]) -> str:
             ([f"until {c['sample_until']:g}"] if c.get("sample_until", 1) < 1 else [])
         if window:
             parts.append("sampling " + " ".join(window) + " of each stage")
+        if c.get("sample_min_blocks", 1) > 1 and sampled:
+            parts.append(f"sampling only with {c['sample_min_blocks']}+ blocks")
         if c.get("sample_to") == "next" and sampled:
             parts.append("sampling up to the next stage's depth")
         if c.get("own_depth_weight") and sampled:

@@ -596,10 +596,12 @@ class Trainer:
             if stage != st.stage or self.schedule.stages[stage] != st.n_blocks:
                 self._grow(stage)
         n = st.n_blocks
-        if (cfg.sample_from > 0 or cfg.sample_until < 1) and not \
+        if n < cfg.sample_min_blocks or (cfg.sample_from > 0 or cfg.sample_until < 1) and not \
                 cfg.sample_from <= self.schedule.fraction_of_stage(self.position(), self.budget_total) < \
                 cfg.sample_until:
-            depth = n  # outside the stage's sampling window: the physical depth only (no draw: stream not consumed)
+            # a stage too small to sample (--sample-min-blocks) or outside its sampling window: the physical depth
+            # only (no draw: the depth stream is not consumed)
+            depth = n
         else:
             depth = self.samplers[min(st.stage, len(self.samplers) - 1)].sample(n, self.sampler_rng)
         lmap = None if depth == n and cfg.layer_map == "interpolate" else layer_map(cfg.layer_map, n, depth)
