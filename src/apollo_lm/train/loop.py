@@ -596,9 +596,10 @@ class Trainer:
             if stage != st.stage or self.schedule.stages[stage] != st.n_blocks:
                 self._grow(stage)
         n = st.n_blocks
-        if n < cfg.sample_min_blocks or (cfg.sample_from > 0 or cfg.sample_until < 1) and not \
-                cfg.sample_from <= self.schedule.fraction_of_stage(self.position(), self.budget_total) < \
-                cfg.sample_until:
+        windowed = cfg.sample_from > 0 or cfg.sample_until < 1
+        outside = windowed and not (cfg.sample_from <= self.schedule.fraction_of_stage(
+            self.position(), self.budget_total) < cfg.sample_until)
+        if n < cfg.sample_min_blocks or outside:
             # a stage too small to sample (--sample-min-blocks) or outside its sampling window: the physical depth
             # only (no draw: the depth stream is not consumed)
             depth = n
