@@ -69,12 +69,13 @@ def recipe(c: dict[str, Any]) -> str:
             ([f"until {c['sample_until']:g}"] if c.get("sample_until", 1) < 1 else [])
         if window:
             parts.append("sampling " + " ".join(window) + " of each stage")
-        if c.get("sample_min_blocks", 1) > 1 and sampled:
-            parts.append(f"sampling only with {c['sample_min_blocks']}+ blocks")
-        if c.get("sample_to") == "next" and sampled:
-            parts.append("sampling up to the next stage's depth")
-        if c.get("own_depth_weight") and sampled:
-            parts.append(f"own-depth loss x{c['own_depth_weight']:g} on deep draws")
+        if sampled:  # options that only act on runs that draw depths
+            if c.get("sample_min_blocks", 1) > 1:
+                parts.append(f"sampling only with {c['sample_min_blocks']}+ blocks")
+            if c.get("sample_to") == "next":
+                parts.append("sampling up to the next stage's depth")
+            if c.get("own_depth_weight"):
+                parts.append(f"own-depth loss x{c['own_depth_weight']:g} on deep draws")
         if c.get("grow_optimizer_state") == "reset":
             parts.append("moments reset")
     if c.get("schedule"):
