@@ -129,6 +129,11 @@ METHODS = {
     # delay the escape from the unigram plateau): LVPS only in the stages with 3 or more blocks, the 1-block stage
     # trained at depth 1 as in progressive-wsd
     "apollo-wsd-min3": ["--method", "apollo", *W4, "--sample-min-blocks", "3"],
+    # the default's stages and growth points (3 -> 6 -> 12 at 30/60 %, 20 % wsd decay) grown by staged training's
+    # function-preserving depth operator (each block followed by a new one that starts as the identity, zero
+    # output projections and zero moments) instead of stacking copies
+    "staged-depth-wsd": ["--method", "staged", "--stages", "depth:3->6@0.3, depth:6->12@0.6", "--schedule", "wsd",
+                         "--decay", "0.2"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],
