@@ -62,7 +62,8 @@ SUM = ["--shared-grad", "sum"]  # sampling runs measured before averaged shared 
 W4 = ["--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"]  # four stages 1 -> 3 -> 6 -> 12 grown at 10/20/50 %, wsd
 # three-stage stacking 3 -> 6 -> 12 at 20/50 %, 20 % wsd decay (the default stack in the first two sessions of
 # 2026-11-30; the default now grows the same stages at 30/60 %: stack-wsd-late)
-STACKS3 = ["--schedule", "wsd", "--decay", "0.2", "--stages", "3,6,12"]
+WSD2 = ["--schedule", "wsd", "--decay", "0.2"]
+STACKS3 = [*WSD2, "--stages", "3,6,12"]
 STACK3 = [*STACKS3, "--grow-at", "0.2,0.5"]
 STACK3_LATE = [*STACKS3, "--grow-at", "0.3,0.6"]  # the same stages at 30/60 %: today's default stack
 METHODS = {
@@ -132,8 +133,10 @@ METHODS = {
     # the default's stages and growth points (3 -> 6 -> 12 at 30/60 %, 20 % wsd decay) grown by staged training's
     # function-preserving depth operator (each block followed by a new one that starts as the identity, zero
     # output projections and zero moments) instead of stacking copies
-    "staged-depth-wsd": ["--method", "staged", "--stages", "depth:3->6@0.3, depth:6->12@0.6", "--schedule", "wsd",
-                         "--decay", "0.2"],
+    "staged-depth-wsd": ["--method", "staged", "--stages", "depth:3->6@0.3, depth:6->12@0.6", *WSD2],
+    # the same operator later (35/70 %), and as one growth 3 -> 12 (each block followed by three identity blocks)
+    "staged-depth-wsd-late": ["--method", "staged", "--stages", "depth:3->6@0.35, depth:6->12@0.7", *WSD2],
+    "staged-one-wsd": ["--method", "staged", "--stages", "depth:3->12@0.7", *WSD2],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],
