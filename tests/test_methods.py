@@ -18,7 +18,7 @@ def _run(tmp_path, corpus_files, name, *extra, steps="16"):
     return out
 
 
-@pytest.mark.parametrize("model", ["gpt", "bert"])
+@pytest.mark.parametrize("model", ["gpt", "bert", "llama"])
 def test_staged_width_then_depth(tmp_path, corpus_files, model):
     out = _run(tmp_path, corpus_files, "staged", "--model", model, "--method", "staged", "--stages",
                "width:16->32@0.25, depth:2->4@0.5")

@@ -245,8 +245,8 @@ class Trainer:
                       GrowthEvent("depth", target.n_layer // 2, target.n_layer, value, unit)]
         target_dict = target.to_dict()
         if target.family == "llama" and not target_dict.get("intermediate_size"):
-            from ..models import build_model as _bm
-            target_dict["intermediate_size"] = _bm(target, 1).blocks[0].mlp.w1.out_features  # keep the ratio
+            from ..models.llama import mlp_hidden_size
+            target_dict["intermediate_size"] = mlp_hidden_size(target)  # the target's, fixed: width growth keeps it
         self.stage_cfg = ModelConfig.from_dict(initial_config(events, target_dict))
         if cfg.method == "staged":
             self.op_events = events
