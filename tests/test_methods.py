@@ -56,9 +56,10 @@ def test_staged_auto_growth_fires_and_resumes(tmp_path, corpus_files):
     _same_metrics(rows, read_metrics(part / "metrics.jsonl"))
 
 
+@pytest.mark.parametrize("model", ["gpt", "llama"])
 @pytest.mark.parametrize("method", ["bert2bert", "ligo"])
-def test_grow_from_a_small_model(tmp_path, corpus_files, method):
-    out = _run(tmp_path, corpus_files, method, "--method", method, "--ligo-steps", "3")
+def test_grow_from_a_small_model(tmp_path, corpus_files, method, model):
+    out = _run(tmp_path, corpus_files, method, "--method", method, "--model", model, "--ligo-steps", "3")
     rows = read_metrics(out / "metrics.jsonl")
     assert [(r["n_embd"] if "n_embd" in r else None) for r in rows][:1] == [None]
     grown = next(i for i, r in enumerate(rows) if "small_flops" in r)
