@@ -62,7 +62,7 @@ SUM = ["--shared-grad", "sum"]  # sampling runs measured before averaged shared 
 W4 = ["--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"]  # four stages 1 -> 3 -> 6 -> 12 grown at 10/20/50 %, wsd
 # three-stage stacking 3 -> 6 -> 12 at 20/50 %, 20 % wsd decay (the default stack in the first two sessions of
 # 2026-11-30; the default now grows the same stages at 30/60 %: stack-wsd-late)
-WSD2 = ["--schedule", "wsd", "--decay", "0.2"]
+WSD2 = ["--schedule", "wsd", "--decay", "0.2"]  # warmup-stable-decay, 20 % decay: the default of multi-stage runs
 STACKS3 = [*WSD2, "--stages", "3,6,12"]
 STACK3 = [*STACKS3, "--grow-at", "0.2,0.5"]
 STACK3_LATE = [*STACKS3, "--grow-at", "0.3,0.6"]  # the same stages at 30/60 %: today's default stack

@@ -246,7 +246,7 @@ class Trainer:
         target_dict = target.to_dict()
         if target.family == "llama" and not target_dict.get("intermediate_size"):
             from ..models.llama import mlp_hidden_size
-            target_dict["intermediate_size"] = mlp_hidden_size(target)  # the target's, fixed: width growth keeps it
+            target_dict["intermediate_size"] = mlp_hidden_size(target)  # pinned: the small model gets its share of it
         self.stage_cfg = ModelConfig.from_dict(initial_config(events, target_dict))
         if cfg.method == "staged":
             self.op_events = events
