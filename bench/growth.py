@@ -137,6 +137,9 @@ METHODS = {
     # the same operator later (35/70 %), and as one growth 3 -> 12 (each block followed by three identity blocks)
     "staged-depth-wsd-late": ["--method", "staged", "--stages", "depth:3->6@0.35, depth:6->12@0.7", *WSD2],
     "staged-one-wsd": ["--method", "staged", "--stages", "depth:3->12@0.7", *WSD2],
+    # staged training's width operator: all 12 layers at half width (64 hidden, 2 heads) until 50 %, then doubled;
+    # symmetry-breaking noise (--width-noise, not set here) comes from the command line
+    "staged-width-wsd": ["--method", "staged", "--stages", "width:64->128@0.5", *WSD2],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],

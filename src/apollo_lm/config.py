@@ -180,6 +180,10 @@ class RunConfig:
                                    default=0.0, group="growth")
     b2b_method: str = _opt("bert2bert width expansion: aki (the paper's) or fpi (function preserving)",
                            default="aki", choices=("aki", "fpi"), group="growth")
+    width_noise: float = _opt("staged width growth: symmetry-breaking noise, as a multiple of each weight block's "
+                              "RMS, split across the copies so the grown model computes the same function (0: the "
+                              "paper's exact operator, whose copies never separate without dropout)", default=0.0,
+                              group="growth")
     ligo_steps: int = _opt("ligo: optimisation steps of the learned growth operator (paper: 100)", default=100,
                            group="growth")
     rewarmup: float = _opt("staged/bert2bert/ligo: after each growth, ramp the learning rate up again over this "
@@ -355,6 +359,9 @@ class RunConfig:
                                 "and give the growth point with --grow-at (e.g. 0.25)")
             if c.grow_at is not None and len(parse_grow_at(c.grow_at)) != 1:
                 raise UserError(f"--method {c.method} grows once: give one --grow-at point, e.g. 0.25")
+        if not (0 <= c.width_noise <= 10):
+            raise UserError(f"--width-noise must be in [0, 10] (a multiple of each weight block's RMS; 0 is the "
+                            f"paper's exact width operator), got {c.width_noise}")
         if c.ligo_steps < 1 or c.auto_window < 3 or c.auto_margin <= 0 or not (0 <= c.rewarmup < 1):
             raise UserError("--ligo-steps must be >= 1, --auto-window >= 3, --auto-margin > 0 and --rewarmup in [0, 1)")
         if c.method == "staged":

@@ -278,7 +278,7 @@ class Trainer:
         w, s, c = model_state(self.model), named_optimizer_state(self.optimizer, self.model), self.stage_cfg.to_dict()
         gen = torch.Generator().manual_seed(cfg.seed + index)
         if ev.operator == "width":
-            r = staged.widen(w, s, c, ev.factor)
+            r = staged.widen(w, s, c, ev.factor, noise=cfg.width_noise, generator=gen)
         elif ev.operator == "depth":
             r = staged.deepen(w, s, c, ev.factor)
         elif ev.operator == "bert2bert":

@@ -84,6 +84,28 @@ def _repeat_block_diag(t: torch.Tensor, spec: ParamSpec, sizes: Mapping[str, int
     return torch.cat(rows, dim=0)
 
 
+def split_noise(t: torch.Tensor, spec: ParamSpec, sizes: Mapping[str, int], k: int, scale: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise for a block-diagonal matrix that leaves its function on repeated inputs unchanged.
+
+    For each (output segment, input segment) block ``b``, Gaussian noise of standard deviation ``scale`` times
+    the RMS of ``b``, centred over the k input copies: ``W' [x, ..., x] = W x`` because the k column blocks of
+    each noise row sum to zero. Added to ``kron(I_k, b)`` it splits each input unit's weight unevenly among its
+    copies, so the copies stop being a symmetry of the network (see :func:`widen`)."""
+    out_ax, in_ax = spec.axes[0], spec.axes[1]
+    assert out_ax is not None and in_ax is not None
+    rows = []
+    for row in t.split([sizes[kind] for kind in out_ax.kinds], dim=0):
+        blocks = []
+        for b in row.split([sizes[kind] for kind in in_ax.kinds], dim=1):
+            o, i = b.shape
+            z = torch.randn(k * o, k, i, generator=generator, dtype=torch.float32).to(t.dtype)
+            z = (z - z.mean(dim=1, keepdim=True)) * (scale * float(b.float().pow(2).mean().sqrt()))
+            blocks.append(z.reshape(k * o, k * i))
+        rows.append(torch.cat(blocks, dim=1))
+    return torch.cat(rows, dim=0).to(t.device)
+
+
 def value_scale(spec: ParamSpec, k: int) -> float:
     """A lone reading axis (the head norm) is divided by k; block-diagonal matrices need no division."""
     grown = spec.grown_axes()
@@ -100,14 +122,24 @@ def moment_scale(spec: ParamSpec, k: int) -> float:
 
 
 def widen(weights: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Mapping[str, torch.Tensor]],
-          config: Mapping[str, Any], factor: int = 2) -> GrowthResult:
+          config: Mapping[str, Any], factor: int = 2, noise: float = 0.0,
+          generator: torch.Generator | None = None) -> GrowthResult:
     """Width x``factor`` of the whole training state (see the module docstring for what is preserved).
 
     ``weights`` and ``optimizer_state`` are keyed by parameter name (``model_state`` and
     ``named_optimizer_state`` of the training loop); ``config`` is ``ModelConfig.to_dict()``. Returns the grown
-    weights, AdamW state and config (n_embd, n_head and n_kv_head times ``factor``, head size kept)."""
+    weights, AdamW state and config (n_embd, n_head and n_kv_head times ``factor``, head size kept).
+
+    With ``noise = 0`` this is the paper's operator, and the grown model is k copies of the small one side by
+    side: swapping the copies maps every parameter to itself, so every gradient and AdamW update is symmetric
+    too and training never separates them (without dropout); the wide model keeps the small one's capacity.
+    ``noise > 0`` adds :func:`split_noise` (that many times each block's RMS) to every matrix whose input is a
+    repeated vector: the function is still preserved exactly, but the input gradients of those matrices differ
+    between copies, and the copies drift apart from the first step. AdamW state is mapped as without noise."""
     if factor < 2 or int(factor) != factor:
         raise ValueError(f"width growth needs a whole factor >= 2, got {factor}")
+    if noise < 0:
+        raise ValueError(f"width growth noise must be >= 0, got {noise}")
     adapter = adapter_for(config)
     sizes = adapter.kind_sizes(weights, config)
     new_weights: Weights = {}
@@ -115,6 +147,8 @@ def widen(weights: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Map
     for name, t in weights.items():
         spec = adapter.spec(name)
         new_weights[name] = _repeat_block_diag(t, spec, sizes, factor) * value_scale(spec, factor)
+        if noise and len(spec.grown_axes()) == 2:
+            new_weights[name] += split_noise(t, spec, sizes, factor, noise, generator)
         st = optimizer_state.get(name)
         if not st:
             continue
@@ -129,7 +163,7 @@ def widen(weights: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Map
     new_config = adapter.grown_config(config, n_embd=int(config["n_embd"]) * factor,
                                       inner=sizes[INNER] * factor if INNER in sizes else None)
     return GrowthResult(new_weights, new_state, new_config,
-                        {"operator": "staged-width", "factor": factor, "loss_preserving": True})
+                        {"operator": "staged-width", "factor": factor, "loss_preserving": True, "noise": noise})
 
 
 def deepen(weights: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Mapping[str, torch.Tensor]],
