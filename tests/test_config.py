@@ -46,6 +46,7 @@ def test_resolved_fills_method_defaults():
     ({"method": "apollo", "stages": "1,3,6,12", "grow_at": "0.1,0.2"}, "growth points"),
     ({"stages": "1,2,4", "method": "scratch"}, "growth method"),
     ({"warmup": 0.9}, "--warmup"),
+    ({"width_noise": -0.1}, "--width-noise"),
 ])
 def test_validation_names_the_problem(kw, needle):
     with pytest.raises(UserError, match=needle):

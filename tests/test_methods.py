@@ -42,6 +42,19 @@ def test_staged_resume_across_growth(tmp_path, corpus_files, stop):
     _same_metrics(read_metrics(full / "metrics.jsonl"), read_metrics(part / "metrics.jsonl"))
 
 
+def test_staged_width_noise_in_the_loop(tmp_path, corpus_files):
+    """--width-noise reaches the operator: the same run up to the growth, the same loss on the first grown step
+    (the function is kept), a different run after it."""
+    args = ("--method", "staged", "--stages", "width:16->32@0.25")
+    rows = {n: read_metrics(_run(tmp_path, corpus_files, f"n{n}", *args, "--width-noise", n) / "metrics.jsonl")
+            for n in ("0", "1")}
+    plain, noisy = rows["0"], rows["1"]
+    grown = next(i for i, r in enumerate(plain) if r["n_embd"] == 32)
+    assert [r["train_loss"] for r in plain[:grown]] == [r["train_loss"] for r in noisy[:grown]]
+    assert noisy[grown]["train_loss"] == pytest.approx(plain[grown]["train_loss"], abs=1e-4)
+    assert max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(plain[grown + 2:], noisy[grown + 2:])) > 1e-4
+
+
 def test_staged_auto_growth_fires_and_resumes(tmp_path, corpus_files):
     # a large margin makes the rule fire as soon as its window is full: the test checks the wiring, the rule
     # itself is tested in test_staged_schedule.py

@@ -212,6 +212,50 @@ def test_staged_width_x2_one_adamw_step_matches_grown_step(case):
             torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("case", FAMILIES)
+def test_staged_width_split_noise_keeps_the_function(case):
+    """The symmetry-breaking noise changes the weights of every matrix reading a repeated vector, not the logits."""
+    cfg = tiny(case)
+    small = randomised(cfg)
+    plain = staged.widen(model_state(small), {}, cfg.to_dict())
+    noisy = staged.widen(model_state(small), {}, cfg.to_dict(), noise=1.0, generator=torch.Generator().manual_seed(0))
+    adapter = adapter_for(cfg.to_dict())
+    changed = {n for n in plain.weights if not torch.equal(plain.weights[n], noisy.weights[n])}
+    assert changed == {n for n in plain.weights if len(adapter.spec(n).grown_axes()) == 2}
+    for name in changed:  # noise of the asked size: about the block's RMS, times sqrt(1 - 1/k) after centring
+        d = noisy.weights[name] - plain.weights[name]
+        ratio = float(d.pow(2).mean().sqrt() / model_state(small)[name].pow(2).mean().sqrt())
+        assert 0.5 < ratio < 0.9, (name, ratio)
+    big = grown_model(noisy.config, noisy.weights)
+    torch.testing.assert_close(logits(big), logits(small), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_staged_width_copies_separate_only_with_split_noise(noise):
+    """The paper's operator is a symmetry of the network: swapping the two copies maps every parameter to itself,
+    so gradients and AdamW updates keep them equal up to rounding (without dropout), and the wide model does not
+    outgrow the small one until rounding error has grown. With split noise the embedding halves, which no noise
+    touches, drift apart from the first step."""
+    cfg = tiny("gpt")
+    model, opt = trained(cfg)
+    r = staged.widen(model_state(model), named_optimizer_state(opt, model), cfg.to_dict(), noise=noise,
+                     generator=torch.Generator().manual_seed(0))
+    big = grown_model(r.config, r.weights).train()
+    big_opt = build_optimizer(big, LR, WD, BETAS, torch.device("cpu"))
+    load_named_optimizer_state(big_opt, big, r.optimizer_state)
+    for s in range(3):
+        x, y = batch(10 + s)
+        big(x, y)[1].backward()
+        big_opt.step()
+        big_opt.zero_grad(set_to_none=True)
+    wte = model_state(big)["wte.weight"]
+    gap = float((wte[:, :16] - wte[:, 16:]).abs().max())
+    if noise:
+        assert gap > 1e-4
+    else:
+        assert gap < 1e-6
+
+
 # ------------------------------------------------------------------------------------------------ staged depth
 @pytest.mark.parametrize("case", ["gpt", "llama", "llama-gqa-untied"])
 def test_staged_depth_x2_preserves_logits_for_pre_norm(case):

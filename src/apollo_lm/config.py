@@ -182,7 +182,7 @@ class RunConfig:
                            default="aki", choices=("aki", "fpi"), group="growth")
     width_noise: float = _opt("staged width growth: symmetry-breaking noise, as a multiple of each weight block's "
                               "RMS, split across the copies so the grown model computes the same function (0: the "
-                              "paper's exact operator, whose copies never separate without dropout)", default=0.0,
+                              "paper's exact operator, whose copies only rounding error or dropout separates)", default=0.0,
                               group="growth")
     ligo_steps: int = _opt("ligo: optimisation steps of the learned growth operator (paper: 100)", default=100,
                            group="growth")

@@ -38,6 +38,17 @@ Width (:func:`widen`, factor k, the paper's k = 2)
     per-weight update sizes, which is the paper's training-dynamics argument; bitwise equality of the next
     step does not hold for the whole network and we do not claim it.
 
+    Symmetry. Swapping the k copies (rows and columns alike) maps the grown parameters to themselves, and the
+    loss is invariant under that swap, so every gradient, every AdamW update and hence every later state is
+    symmetric too: in exact arithmetic, and without dropout, the copies never separate and the wide model keeps
+    the small one's capacity. In floating point only rounding error separates them, from about 1e-8 of the
+    weights' size, growing about tenfold every 25 to 50 steps (measured on the cpu size of bench/growth.py:
+    1 % apart only some 250 steps after the growth; BENCHMARKS.md). The authors' code trains with dropout,
+    which breaks the symmetry at once. ``noise`` breaks it without dropout and without changing the function: every matrix that reads a repeated vector (both axes grown) gets noise whose k column blocks
+    sum to zero in each row (:func:`split_noise`), i.e. each input unit's weight is split unevenly among its
+    copies, as lossless expansion methods do (LEMON, Wang et al. 2024). The outputs are unchanged, their input
+    gradients are not, and the copies drift apart from the first step.
+
 Depth (:func:`deepen`, factor k, the paper's k = 2)
     After each old block, k - 1 new blocks that copy it except for their residual-output projections (attention
     and MLP output weights and biases), which are zero, with zero AdamW state and step 0. In a pre-norm block
@@ -132,7 +143,7 @@ def widen(weights: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Map
 
     With ``noise = 0`` this is the paper's operator, and the grown model is k copies of the small one side by
     side: swapping the copies maps every parameter to itself, so every gradient and AdamW update is symmetric
-    too and training never separates them (without dropout); the wide model keeps the small one's capacity.
+    too, and only rounding error (or dropout) separates them.
     ``noise > 0`` adds :func:`split_noise` (that many times each block's RMS) to every matrix whose input is a
     repeated vector: the function is still preserved exactly, but the input gradients of those matrices differ
     between copies, and the copies drift apart from the first step. AdamW state is mapped as without noise."""
