@@ -44,10 +44,11 @@ Width (:func:`widen`, factor k, the paper's k = 2)
     the small one's capacity. In floating point only rounding error separates them, from about 1e-8 of the
     weights' size, growing about tenfold every 25 to 50 steps (measured on the cpu size of bench/growth.py:
     1 % apart only some 250 steps after the growth; BENCHMARKS.md). The authors' code trains with dropout,
-    which breaks the symmetry at once. ``noise`` breaks it without dropout and without changing the function: every matrix that reads a repeated vector (both axes grown) gets noise whose k column blocks
-    sum to zero in each row (:func:`split_noise`), i.e. each input unit's weight is split unevenly among its
-    copies, as lossless expansion methods do (LEMON, Wang et al. 2024). The outputs are unchanged, their input
-    gradients are not, and the copies drift apart from the first step.
+    which breaks the symmetry at once. ``noise`` breaks it without dropout and without changing the function:
+    every matrix that reads a repeated vector (both axes grown) gets noise whose k column blocks sum to zero in
+    each row (:func:`split_noise`), i.e. each input unit's weight is split unevenly among its copies, as
+    lossless expansion methods do (LEMON, Wang et al. 2024). The outputs are unchanged, their input gradients
+    are not, and the copies drift apart from the first step.
 
 Depth (:func:`deepen`, factor k, the paper's k = 2)
     After each old block, k - 1 new blocks that copy it except for their residual-output projections (attention
