@@ -138,7 +138,7 @@ METHODS = {
     "staged-depth-wsd-late": ["--method", "staged", "--stages", "depth:3->6@0.35, depth:6->12@0.7", *WSD2],
     "staged-one-wsd": ["--method", "staged", "--stages", "depth:3->12@0.7", *WSD2],
     # staged training's width operator: all 12 layers at half width (64 hidden, 2 heads) until 50 %, then doubled;
-    # symmetry-breaking noise: the tool's default (--width-noise 2); `-- --width-noise 0` for the paper's operator
+    # symmetry-breaking noise: the tool's default (--width-noise 1); `-- --width-noise 0` for the paper's operator
     "staged-width-wsd": ["--method", "staged", "--stages", "width:64->128@0.5", *WSD2],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],

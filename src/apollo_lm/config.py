@@ -182,8 +182,9 @@ class RunConfig:
                            default="aki", choices=("aki", "fpi"), group="growth")
     width_noise: float = _opt("staged width growth: symmetry-breaking noise, as a multiple of each weight block's "
                               "RMS, split across the copies so the grown model computes the same function (0: the "
-                              "paper's exact operator, whose copies only rounding error or dropout separates; 2, "
-                              "the best of a sweep in BENCHMARKS.md)", default=2.0, group="growth")
+                              "paper's exact operator, whose copies only rounding error or dropout separates; above "
+                              "about 1 the network amplifies rounding error enough to change the function: "
+                              "BENCHMARKS.md)", default=1.0, group="growth")
     ligo_steps: int = _opt("ligo: optimisation steps of the learned growth operator (paper: 100)", default=100,
                            group="growth")
     rewarmup: float = _opt("staged/bert2bert/ligo: after each growth, ramp the learning rate up again over this "

@@ -48,7 +48,10 @@ Width (:func:`widen`, factor k, the paper's k = 2)
     every matrix that reads a repeated vector (both axes grown) gets noise whose k column blocks sum to zero in
     each row (:func:`split_noise`), i.e. each input unit's weight is split unevenly among its copies, as
     lossless expansion methods do (LEMON, Wang et al. 2024). The outputs are unchanged, their input gradients
-    are not, and the copies drift apart from the first step.
+    are not, and the copies drift apart from the first step. The same noise acts as a gain on whatever differs
+    between the copies, rounding error included: at ``noise`` 2 or more that gain, compounded over the layers,
+    turns fp32 rounding into O(1) logit changes on some models (in float64 the function is still kept), so the
+    tool's default is 1 (measured in BENCHMARKS.md, "Staged training's width operator").
 
 Depth (:func:`deepen`, factor k, the paper's k = 2)
     After each old block, k - 1 new blocks that copy it except for their residual-output projections (attention
