@@ -230,6 +230,17 @@ def test_staged_width_split_noise_keeps_the_function(case):
     torch.testing.assert_close(logits(big), logits(small), atol=1e-5, rtol=0)
 
 
+def test_default_width_noise_keeps_a_deep_models_function_in_fp32():
+    """The noise also amplifies rounding differences between the copies, layer after layer; at the default
+    (RunConfig.width_noise) a 12-block model still computes the same logits to 1e-3 (2 or more broke this)."""
+    from apollo_lm.config import RunConfig
+    cfg = ModelConfig(family="gpt", n_layer=12, n_embd=32, n_head=2, vocab_size=VOCAB, block_size=16)
+    small = randomised(cfg)
+    r = staged.widen(model_state(small), {}, cfg.to_dict(), noise=RunConfig().width_noise,
+                     generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits(grown_model(r.config, r.weights)), logits(small), atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("noise", [0.0, 0.5])
 def test_staged_width_copies_separate_only_with_split_noise(noise):
     """The paper's operator is a symmetry of the network: swapping the two copies maps every parameter to itself,
