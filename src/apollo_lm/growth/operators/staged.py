@@ -114,8 +114,9 @@ def split_noise(t: torch.Tensor, spec: ParamSpec, sizes: Mapping[str, int], k: i
         blocks = []
         for b in row.split([sizes[kind] for kind in in_ax.kinds], dim=1):
             o, i = b.shape
-            z = torch.randn(k * o, k, i, generator=generator, dtype=torch.float32).to(t.dtype)
-            z = (z - z.mean(dim=1, keepdim=True)) * (scale * float(b.float().pow(2).mean().sqrt()))
+            z = torch.randn(k * o, k, i, generator=generator, dtype=torch.float32)
+            z = ((z - z.mean(dim=1, keepdim=True)) * (scale * float(b.float().pow(2).mean().sqrt()))).to(t.dtype)
+            z[:, -1] = -z[:, :-1].sum(dim=1)  # the zero sum in t's own precision (exact for k = 2)
             blocks.append(z.reshape(k * o, k * i))
         rows.append(torch.cat(blocks, dim=1))
     return torch.cat(rows, dim=0).to(t.device)
@@ -149,8 +150,9 @@ def widen(weights: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Map
     side: swapping the copies maps every parameter to itself, so every gradient and AdamW update is symmetric
     too, and only rounding error (or dropout) separates them.
     ``noise > 0`` adds :func:`split_noise` (that many times each block's RMS) to every matrix whose input is a
-    repeated vector: the function is still preserved exactly, but the input gradients of those matrices differ
-    between copies, and the copies drift apart from the first step. AdamW state is mapped as without noise."""
+    repeated vector: the function is still preserved (exactly in exact arithmetic; the module docstring says
+    what rounding does above ``noise`` 1), but the input gradients of those matrices differ between copies,
+    and the copies drift apart from the first step. AdamW state is mapped as without noise."""
     if factor < 2 or int(factor) != factor:
         raise ValueError(f"width growth needs a whole factor >= 2, got {factor}")
     if noise < 0:
