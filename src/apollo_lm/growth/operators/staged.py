@@ -66,13 +66,25 @@ Depth (:func:`deepen`, factor k, the paper's k = 2)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from ..expand import block_index, count_blocks
 from .adapter import INNER, GrowthResult, OptimizerState, ParamSpec, Weights, adapter_for
+
+
+def _per_segment(t: torch.Tensor, spec: ParamSpec, sizes: Mapping[str, int],
+                 fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A matrix with both axes grown, rebuilt from ``fn(block)`` of each (output segment, input segment) block
+    (one block, or three per fused q/k/v axis), in row-major order."""
+    out_ax, in_ax = spec.axes[0], spec.axes[1]
+    assert out_ax is not None and in_ax is not None
+    rows = []
+    for row in t.split([sizes[kind] for kind in out_ax.kinds], dim=0):
+        rows.append(torch.cat([fn(b) for b in row.split([sizes[kind] for kind in in_ax.kinds], dim=1)], dim=1))
+    return torch.cat(rows, dim=0)
 
 
 def _repeat_block_diag(t: torch.Tensor, spec: ParamSpec, sizes: Mapping[str, int], k: int) -> torch.Tensor:
@@ -89,14 +101,8 @@ def _repeat_block_diag(t: torch.Tensor, spec: ParamSpec, sizes: Mapping[str, int
     if grown != [0, 1] or t.dim() != 2:
         raise ValueError(f"staged width growth handles matrices and vectors, got axes {grown} of shape "
                          f"{tuple(t.shape)}")
-    out_ax, in_ax = spec.axes[0], spec.axes[1]
-    assert out_ax is not None and in_ax is not None
     eye = torch.eye(k, dtype=t.dtype, device=t.device)
-    rows = []
-    for row in t.split([sizes[kind] for kind in out_ax.kinds], dim=0):
-        blocks = row.split([sizes[kind] for kind in in_ax.kinds], dim=1)
-        rows.append(torch.cat([torch.kron(eye, b) for b in blocks], dim=1))  # [[W, 0], [0, W]] per segment
-    return torch.cat(rows, dim=0)
+    return _per_segment(t, spec, sizes, lambda b: torch.kron(eye, b))  # [[W, 0], [0, W]] per segment
 
 
 def split_noise(t: torch.Tensor, spec: ParamSpec, sizes: Mapping[str, int], k: int, scale: float,
@@ -107,19 +113,14 @@ def split_noise(t: torch.Tensor, spec: ParamSpec, sizes: Mapping[str, int], k: i
     the RMS of ``b``, centred over the k input copies: ``W' [x, ..., x] = W x`` because the k column blocks of
     each noise row sum to zero. Added to ``kron(I_k, b)`` it splits each input unit's weight unevenly among its
     copies, so the copies stop being a symmetry of the network (see :func:`widen`)."""
-    out_ax, in_ax = spec.axes[0], spec.axes[1]
-    assert out_ax is not None and in_ax is not None
-    rows = []
-    for row in t.split([sizes[kind] for kind in out_ax.kinds], dim=0):
-        blocks = []
-        for b in row.split([sizes[kind] for kind in in_ax.kinds], dim=1):
-            o, i = b.shape
-            z = torch.randn(k * o, k, i, generator=generator, dtype=torch.float32)
-            z = ((z - z.mean(dim=1, keepdim=True)) * (scale * float(b.float().pow(2).mean().sqrt()))).to(t.dtype)
-            z[:, -1] = -z[:, :-1].sum(dim=1)  # the zero sum in t's own precision (exact for k = 2)
-            blocks.append(z.reshape(k * o, k * i))
-        rows.append(torch.cat(blocks, dim=1))
-    return torch.cat(rows, dim=0).to(t.device)
+    def noise(b: torch.Tensor) -> torch.Tensor:
+        o, i = b.shape
+        z = torch.randn(k * o, k, i, generator=generator, dtype=torch.float32)
+        z = ((z - z.mean(dim=1, keepdim=True)) * (scale * float(b.float().pow(2).mean().sqrt()))).to(t.dtype)
+        z[:, -1] = -z[:, :-1].sum(dim=1)  # the zero sum in t's own precision (exact for k = 2)
+        return z.reshape(k * o, k * i)
+
+    return _per_segment(t.cpu(), spec, sizes, noise).to(t.device)
 
 
 def value_scale(spec: ParamSpec, k: int) -> float:
