@@ -98,6 +98,11 @@ def test_default_corpus_and_config_file(tmp_path, capsys):
     (("--method", "apollo", "--grow-at", "0.5,0.4,0.9"), "increase"),
     (("--method", "progressive", "--stages", "1,2", "--n-layer", "2", "--grow-at", "20s", "--steps", "10"),
      "inside the budget"),
+    (("--stage-lr", "2,1"), "needs a growth method"),
+    (("--method", "stack", "--stages", "1,2", "--grow-at", "0.5", "--stage-lr", "2,0"), "must be positive"),
+    (("--method", "stack", "--stages", "1,2", "--grow-at", "0.5", "--stage-lr", "2,x"), "comma-separated"),
+    (("--method", "stack", "--stages", "1,2", "--grow-at", "0.5", "--stage-lr", "2,1,1"), "one per stage"),
+    (("--method", "staged", "--stages", "depth:1->2@0.5", "--stage-lr", "2"), "one per stage"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, extra, needle):
     out = tmp_path / "bad"
@@ -203,3 +208,18 @@ def test_external_loggers(tmp_path, corpus_files, capsys, monkeypatch):
     pytest.importorskip("tensorboard")
     assert _train(tmp_path / "tb", corpus_files, "--steps", "3", "--log-to", "tensorboard") == 0
     assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("method, growth", [("stack", ("--stages", "1,2", "--grow-at", "6s")),
+                                            ("staged", ("--stages", "depth:1->2@6s",))])
+def test_stage_lr_scales_each_stage(tmp_path, corpus_files, method, growth):
+    """--stage-lr multiplies the schedule's learning rate by each stage's value and changes nothing else."""
+    base = ("--method", method, *growth, "--steps", "10", "--eval-every", "5", "--schedule", "wsd", "--decay", "0.3")
+    assert _train(tmp_path / "plain", corpus_files, *base) == 0
+    assert _train(tmp_path / "scaled", corpus_files, *base, "--stage-lr", "3,0.5") == 0
+    plain, scaled = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("plain", "scaled"))
+    assert [r["stage"] for r in scaled] == [0] * 6 + [1] * 4
+    for a, b in zip(plain, scaled):
+        assert b["lr"] == pytest.approx(a["lr"] * (3 if a["stage"] == 0 else 0.5), rel=1e-9)
+    assert scaled[0]["train_loss"] == pytest.approx(plain[0]["train_loss"], rel=1e-6)  # same data, same init
+    assert scaled[-1]["train_loss"] != pytest.approx(plain[-1]["train_loss"], rel=1e-6)

@@ -187,6 +187,9 @@ class RunConfig:
                               "BENCHMARKS.md)", default=1.0, group="growth")
     ligo_steps: int = _opt("ligo: optimisation steps of the learned growth operator (paper: 100)", default=100,
                            group="growth")
+    stage_lr: str | None = _opt("peak learning rate of each stage as a multiple of --lr, e.g. 2,1 for --stages 3,12 "
+                                "(one value per stage; staged: one per growth event plus one; default 1 for every "
+                                "stage): shallower stages may train best at a higher rate", group="growth")
     rewarmup: float = _opt("staged/bert2bert/ligo: after each growth, ramp the learning rate up again over this "
                            "fraction of the budget (0: the schedule simply continues)", default=0.0, group="growth")
     auto_window: int = _opt("staged with @auto: logged steps in the slope fit of the auto growth rule",
@@ -363,6 +366,10 @@ class RunConfig:
         if not (0 <= c.width_noise <= 10):
             raise UserError(f"--width-noise must be in [0, 10] (a multiple of each weight block's RMS; 0 is the "
                             f"paper's exact width operator), got {c.width_noise}")
+        if c.stage_lr is not None:
+            if c.method == "scratch":
+                raise UserError("--stage-lr needs a growth method (scratch has one stage): use --lr instead")
+            parse_stage_lr(c.stage_lr)
         if c.ligo_steps < 1 or c.auto_window < 3 or c.auto_margin <= 0 or not (0 <= c.rewarmup < 1):
             raise UserError("--ligo-steps must be >= 1, --auto-window >= 3, --auto-margin > 0 and --rewarmup in [0, 1)")
         if c.method == "staged":
@@ -491,6 +498,18 @@ def parse_stages(text: str) -> list[int]:
     if any(b <= a for a, b in zip(stages, stages[1:])):
         raise UserError(f"--stages {text!r}: block counts must increase from stage to stage, e.g. 1,3,6,12")
     return stages
+
+
+def parse_stage_lr(text: str) -> list[float]:
+    """--stage-lr: one positive learning-rate multiplier per stage."""
+    try:
+        mults = [float(s) for s in str(text).replace(" ", "").split(",") if s]
+    except ValueError:
+        raise UserError(f"--stage-lr {text!r}: give comma-separated multiples of --lr, one per stage, e.g. 2,1") \
+            from None
+    if not mults or any(not (0 < m <= 100) or not math.isfinite(m) for m in mults):
+        raise UserError(f"--stage-lr {text!r}: multipliers must be positive (at most 100), e.g. 2,1")
+    return mults
 
 
 def parse_grow_at(text: str) -> list[tuple[float, str]]:

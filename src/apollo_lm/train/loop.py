@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import OPERATOR_METHODS, ModelConfig, RunConfig, parse_amount, parse_grow_at, parse_stages
+from ..config import (OPERATOR_METHODS, ModelConfig, RunConfig, parse_amount, parse_grow_at, parse_stage_lr,
+                      parse_stages)
 from ..data.batches import Batch, Batcher
 from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..data.tokens import Corpus, prepare_corpus
@@ -202,11 +203,13 @@ class Trainer:
         self.stage_cfg = self.mcfg  # the architecture of the physical model now (differs under width growth)
         self.op_events: list[GrowthEvent] = []
         self.op_starts: list[float | None] = []
+        self.stage_lr: list[float] = []
         if cfg.method == "scratch":
             self.schedule = StageSchedule.single(self.mcfg.n_layer)
             return
         if cfg.method in OPERATOR_METHODS:
             self._setup_operator_schedule()
+            self._setup_stage_lr(len(self.op_events) + 1, "growth events plus one")
             return
         stages = parse_stages(cfg.stages)
         if stages[-1] != self.mcfg.n_layer:
@@ -215,6 +218,16 @@ class Trainer:
         starts = [self._to_position(value, unit) for value, unit in parse_grow_at(cfg.grow_at)]
         self._check_starts(starts, f"--grow-at {cfg.grow_at}")
         self.schedule = StageSchedule(tuple(stages), tuple(starts), self.budget_unit)
+        self._setup_stage_lr(len(stages), f"stages ({','.join(map(str, stages))})")
+
+    def _setup_stage_lr(self, n_stages: int, what: str) -> None:
+        if self.cfg.stage_lr is None:
+            return
+        mults = parse_stage_lr(self.cfg.stage_lr)
+        if len(mults) != n_stages:
+            raise UserError(f"--stage-lr {self.cfg.stage_lr} gives {len(mults)} multipliers but the run has "
+                            f"{n_stages} {what}: give one per stage")
+        self.stage_lr = mults
 
     def _to_position(self, value: float, unit: str) -> float:
         """A growth point in the budget's own unit (optimizer steps, or FLOPs for a FLOPs budget)."""
@@ -615,6 +628,8 @@ class Trainer:
         else:
             progress = min(1.0, (st.flops + step_flops) / self.budget_total)
         lr = lr_at(progress, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.schedule, cfg.decay)
+        if self.stage_lr:
+            lr *= self.stage_lr[min(st.stage, len(self.stage_lr) - 1)]
         if cfg.rewarmup > 0 and cfg.method in OPERATOR_METHODS and st.stage > 0:
             begun = self._stage_start()
             if begun is not None:  # ramp up again after a growth, as the staged-training release does
