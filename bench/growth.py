@@ -140,6 +140,12 @@ METHODS = {
     # staged training's width operator: all 12 layers at half width (64 hidden, 2 heads) until 50 %, then doubled;
     # symmetry-breaking noise: the tool's default (--width-noise 1); `-- --width-noise 0` for the paper's operator
     "staged-width-wsd": ["--method", "staged", "--stages", "width:64->128@0.5", *WSD2],
+    # --repeat-scale uses on the four-stage schedule: a block run as k layers adds 1/k of its branch each time
+    # (finer steps of one residual flow), and growth divides the copies' output projections by their number, so
+    # deep draws and growth keep the small model's function; without sampling, and with LVPS (summed shared
+    # gradients, the option's default)
+    "progressive-wsd-rs": ["--method", "progressive", *W4, "--repeat-scale", "uses"],
+    "apollo-wsd-rs": ["--method", "apollo", *W4, "--repeat-scale", "uses"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],

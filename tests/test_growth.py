@@ -9,12 +9,13 @@ import torch
 
 from apollo_lm.config import ModelConfig
 from apollo_lm.eval.compare import recipe
-from apollo_lm.growth.expand import expand_state
+from apollo_lm.eval.evaluate import load_run
+from apollo_lm.growth.expand import expand_state, repeat_scales, source_blocks, split_repeated_outputs
 from apollo_lm.growth.maps import interpolate_map, layer_map, stack_map
 from apollo_lm.growth.samplers import DepthSampler, rng_from_state, rng_state
 from apollo_lm.growth.schedule import StageSchedule
 from apollo_lm.models import build_model
-from apollo_lm.train.checkpoint import checkpoint_dirs, model_state, read_checkpoint
+from apollo_lm.train.checkpoint import checkpoint_dirs, load_model_state, model_state, read_checkpoint
 from apollo_lm.train.flops import train_step_flops
 from apollo_lm.train.metrics import read_metrics
 from apollo_lm.train.optim import build_optimizer, named_optimizer_state
@@ -335,3 +336,58 @@ def test_own_depth_weight_needs_a_sampler(tmp_path, corpus_files, capsys):
                    "--method", "progressive", "--own-depth-weight", "1")
     assert code != 0 and "needs a depth sampler" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_repeat_scale_growth_keeps_the_function(family):
+    """--repeat-scale uses: a block run k times adds 1/k of its branch each time, and growth divides the copies'
+    output projections by their number, so the grown model at its own depth, and the delivered model at the
+    target depth, compute exactly what they computed before the growth; the paper's unscaled repeats do not."""
+    torch.manual_seed(0)
+    mc = ModelConfig.from_dict(dict(family=family, n_layer=12, n_embd=32, n_head=2, vocab_size=50, block_size=16))
+    small = build_model(mc, 3).eval()
+    x = torch.randint(0, 50, (2, 8))
+    src = source_blocks("interpolate", 3, 6)
+    grown = build_model(mc, 6).eval()
+    grown.load_state_dict(split_repeated_outputs(expand_state(small.state_dict(), 3, 6, "interpolate"), src,
+                                                 small.residual_out))
+    m6 = interpolate_map(3, 6)
+    torch.testing.assert_close(grown(x)[0], small(x, layer_map=m6, branch_scale=repeat_scales(m6))[0])
+    assert not torch.allclose(grown(x)[0], small(x, layer_map=m6)[0], atol=1e-3)
+    m12, g12 = interpolate_map(3, 12), interpolate_map(6, 12)
+    torch.testing.assert_close(grown(x, layer_map=g12, branch_scale=repeat_scales(g12))[0],
+                               small(x, layer_map=m12, branch_scale=repeat_scales(m12))[0])
+    # only the residual outputs of repeated copies change, each by the number of copies
+    sd = split_repeated_outputs(expand_state(small.state_dict(), 3, 6, "interpolate"), src, small.residual_out)
+    out_name = small.residual_out[0] + "weight"
+    torch.testing.assert_close(sd[f"blocks.5.{out_name}"], small.state_dict()[f"blocks.2.{out_name}"] / 2)
+    for k in (k for k in sd if k.startswith("blocks.5.") and not k[9:].startswith(small.residual_out)):
+        torch.testing.assert_close(sd[k], small.state_dict()[k.replace("blocks.5.", "blocks.2.")])
+    assert repeat_scales([0, 0, 0, 1, 2, 2]) == [1 / 3, 1 / 3, 1 / 3, 1.0, 0.5, 0.5]
+
+
+def test_repeat_scale_in_the_loop_and_in_progress_runs(tmp_path, corpus_files):
+    """The loop trains with scaled repeats (summed shared gradients by default) and grows without a jump in the
+    delivered model; a checkpoint taken before the last growth loads as the plain target-depth model it equals."""
+    out = _growth_run(tmp_path, corpus_files, "rs", "--method", "apollo", "--stages", "1,3,6",
+                      "--grow-at", "0.25,0.5", "--repeat-scale", "uses", "--stop-after", "10")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["repeat_scale"] == "uses" and cfg["shared_grad"] == "sum"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert {r["depth"] for r in rows} - {1, 3}  # deep draws happened
+    ck = read_checkpoint(checkpoint_dirs(out)[-1])
+    assert ck["model_config"]["n_blocks"] == 3
+    small = build_model(ModelConfig.from_dict(ck["model_config"]), 3).eval()
+    load_model_state(small, ck["weights"])
+    run = load_run(out)
+    assert run.n_blocks == 6 and run.target_map is None
+    x = torch.randint(0, 300, (2, 16))
+    m = interpolate_map(3, 6)
+    torch.testing.assert_close(run.model(x)[0], small(x, layer_map=m, branch_scale=repeat_scales(m))[0])
+
+
+@pytest.mark.parametrize("extra", [("--method", "stack"), ("--method", "apollo", "--layer-map", "stack"),
+                                   ("--method", "apollo", "--model", "bert")])
+def test_repeat_scale_needs_interpolated_pre_norm_growth(tmp_path, capsys, extra):
+    assert run_cli("train", "--out", str(tmp_path / "bad"), *TINY, *extra, "--repeat-scale", "uses") == 2
+    assert "--repeat-scale uses needs" in capsys.readouterr().err

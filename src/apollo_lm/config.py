@@ -159,10 +159,16 @@ class RunConfig:
                                  group="growth")
     grow_optimizer_state: str = _opt("AdamW moments of grown blocks: copy from the source block, or reset",
                                      default="copy", choices=("copy", "reset"), group="growth")
-    shared_grad: str = _opt("how gradients of a block run at several depths in one step combine: mean (divided by "
-                            "the block's number of uses; the default: it trained better in our runs) or sum "
-                            "(autograd's, as the paper's code does)", default="mean",
-                            choices=("sum", "mean"), group="growth")
+    shared_grad: str | None = _opt("how gradients of a block run at several depths in one step combine: mean (divided "
+                                   "by the block's number of uses; the default: it trained better in our runs) or "
+                                   "sum (autograd's, as the paper's code does; the default with --repeat-scale uses, "
+                                   "whose branches are already divided by the uses)",
+                                   choices=("sum", "mean"), group="growth")
+    repeat_scale: str = _opt("apollo/progressive with the interpolation map, gpt/llama: none (the paper's: a block "
+                             "run as k consecutive layers adds its full branch k times) or uses (each of the k runs "
+                             "adds 1/k of it, finer steps of the same residual flow, and growth divides the copies' "
+                             "output projections by their number, so a grown model at its own depth is the small "
+                             "one run at that depth)", default="none", choices=("none", "uses"), group="growth")
     sample_from: float = _opt("sample depths only after this fraction of each stage (0: the whole stage, as in "
                               "the paper); before it the stage runs its physical depth", default=0.0, group="growth")
     sample_until: float = _opt("sample depths only before this fraction of each stage (1: to its end, as in the "
@@ -253,6 +259,8 @@ class RunConfig:
             c.steps = 400
         if c.layer_map is None:
             c.layer_map = "stack" if c.method == "stack" else "interpolate"
+        if c.shared_grad is None:
+            c.shared_grad = "sum" if c.repeat_scale == "uses" else "mean"
         if c.sampler is None:
             c.sampler = "lvps" if c.method == "apollo" else "none"
         if c.method == "staged" and c.stages is None:
@@ -328,7 +336,7 @@ class RunConfig:
                             f"{c.sample_min_blocks}: depths are drawn only in stages with at least that many blocks")
         if c.sample_to not in ("target", "next"):
             raise UserError(f"--sample-to must be target or next, got {c.sample_to!r}")
-        if c.shared_grad not in ("sum", "mean"):
+        if c.shared_grad not in (None, "sum", "mean"):
             raise UserError(f"--shared-grad must be sum or mean, got {c.shared_grad!r}")
         if not (0 <= c.own_depth_weight <= 10) or not math.isfinite(c.own_depth_weight):
             raise UserError(f"--own-depth-weight must be in [0, 10], got {c.own_depth_weight}")
@@ -366,6 +374,14 @@ class RunConfig:
         if not (0 <= c.width_noise <= 10):
             raise UserError(f"--width-noise must be in [0, 10] (a multiple of each weight block's RMS; 0 is the "
                             f"paper's exact width operator), got {c.width_noise}")
+        if c.repeat_scale not in ("none", "uses"):
+            raise UserError(f"--repeat-scale must be none or uses, got {c.repeat_scale!r}")
+        if c.repeat_scale == "uses" and (c.method not in ("apollo", "progressive") or c.model == "bert"
+                                         or c.layer_map not in (None, "interpolate")):
+            raise UserError("--repeat-scale uses needs --method apollo or progressive with the interpolation layer "
+                            "map and a pre-norm model (gpt or llama): a repeated block's branches are scaled as "
+                            "finer steps of one residual flow, which stacking's order and BERT's post-LayerNorm "
+                            "blocks do not follow")
         if c.stage_lr is not None:
             if c.method == "scratch":
                 raise UserError("--stage-lr needs a growth method (scratch has one stage): use --lr instead")

@@ -78,6 +78,10 @@ def recipe(c: dict[str, Any]) -> str:
                 parts.append(f"own-depth loss x{c['own_depth_weight']:g} on deep draws")
         if c.get("grow_optimizer_state") == "reset":
             parts.append("moments reset")
+        if c.get("repeat_scale") == "uses":
+            parts.append("repeats scaled by 1/uses")
+        if c.get("stage_lr"):
+            parts.append(f"stage lr x{c['stage_lr']}")
     if c.get("schedule"):
         parts.append(c["schedule"] + (f" (decay {c['decay']:g})" if c["schedule"] == "wsd" and c.get("decay") else ""))
     if c.get("lr") is not None:

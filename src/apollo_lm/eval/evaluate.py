@@ -23,9 +23,10 @@ from ..data.batches import Batcher
 from ..data.readers import expand_sources, iter_documents
 from ..data.tokenizer import encode_documents, load_tokenizer, special_ids
 from ..errors import UserError
+from ..growth.expand import expand_state, split_repeated_outputs
 from ..growth.maps import layer_map
 from ..models import build_model
-from ..train.checkpoint import latest_checkpoint, load_model_state, read_checkpoint
+from ..train.checkpoint import latest_checkpoint, load_model_state, model_state, read_checkpoint
 from ..train.loop import evaluate
 from ..train.wrap import autocast_dtype, resolve_device
 
@@ -59,6 +60,16 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     model.to(torch.device(device) if isinstance(device, str) else device).eval()
     tmap = None if n_blocks == mcfg.n_layer else layer_map(ck["state"].get("layer_map", "interpolate"), n_blocks,
                                                            mcfg.n_layer)
+    if tmap is not None and cfg.repeat_scale == "uses":
+        # the delivered model runs repeated blocks at 1/uses strength: write it out as the plain target-depth
+        # model it equals (the copies' output projections divided by their number), so eval, generate, glue and
+        # export see an ordinary model
+        weights = split_repeated_outputs(expand_state(model_state(model), n_blocks, mcfg.n_layer, "interpolate"),
+                                         tmap, model.residual_out)
+        model = build_model(mcfg, mcfg.n_layer)
+        load_model_state(model, weights, what=f"checkpoint {ck_path}")
+        model.to(torch.device(device) if isinstance(device, str) else device).eval()
+        n_blocks, tmap = mcfg.n_layer, None
     tok = load_tokenizer(str(run / "tokenizer.json"))
     if tok.get_vocab_size() != mcfg.vocab_size:
         raise UserError(f"{run}/tokenizer.json has {tok.get_vocab_size()} tokens but the model has "

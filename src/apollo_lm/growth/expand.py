@@ -10,7 +10,8 @@ Nothing here imports a model: blocks are found by the ``{prefix}.{i}.`` key pref
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .maps import layer_map
@@ -56,6 +57,27 @@ def expand_state(state: Mapping[str, Any], n_old: int, n_new: int, kind: str, pr
         for j in range(n_new):
             for rest, value in by_block.get(src[j], {}).items():
                 out[f"{prefix}.{j}.{rest}"] = clone(value)
+    return out
+
+
+def repeat_scales(lmap: Sequence[int]) -> list[float]:
+    """--repeat-scale uses: logical layer t scales its residual branches by 1 / (uses of block lmap[t])."""
+    uses = Counter(lmap)
+    return [1.0 / uses[i] for i in lmap]
+
+
+def split_repeated_outputs(state: Mapping[str, Any], src: Sequence[int], residual_out: tuple[str, ...],
+                           prefix: str = "blocks") -> dict[str, Any]:
+    """Divide the residual-stream outputs (parameter names starting with one of ``residual_out``) of every block
+    copy by its number of copies: new block j copied old block src[j]. The copies in sequence then compute what
+    the old block computed run that many times with ``repeat_scales``, so with the interpolation map a grown
+    model at its own depth is the small one at that depth (--repeat-scale uses)."""
+    uses = Counter(src)
+    out = dict(state)
+    for name, value in state.items():
+        b = block_index(name, prefix)
+        if b is not None and b[1].startswith(residual_out) and uses[src[b[0]]] > 1:
+            out[name] = value / uses[src[b[0]]]
     return out
 
 

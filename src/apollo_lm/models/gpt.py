@@ -59,7 +59,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        if scale != 1.0:  # a block run as several logical layers (--repeat-scale uses)
+            x = x + scale * self.attn(self.ln_1(x))
+            return x + scale * self.mlp(self.ln_2(x))
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -68,6 +71,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     family = "gpt"
     block_prefix = "blocks"  # growth finds physical block i under "blocks.{i}."
+    residual_out = ("attn.c_proj.", "mlp.c_proj.")  # block parameters that write into the residual stream
 
     def __init__(self, cfg: ModelConfig, n_blocks: int | None = None):
         super().__init__()
@@ -96,22 +100,27 @@ class GPT(nn.Module):
     def make_block(self) -> Block:
         return Block(self.config)
 
-    def hidden(self, idx: torch.Tensor, layer_map: Sequence[int] | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, layer_map: Sequence[int] | None = None,
+               branch_scale: Sequence[float] | None = None) -> torch.Tensor:
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds the position table ({self.config.block_size})")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for i in range(len(self.blocks)) if layer_map is None else layer_map:
-            x = self.blocks[i](x)
+        order = range(len(self.blocks)) if layer_map is None else layer_map
+        for t, i in enumerate(order):
+            x = self.blocks[i](x) if branch_scale is None else self.blocks[i](x, branch_scale[t])
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 layer_map: Sequence[int] | None = None,
-                loss_chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                loss_chunk: int = 0, branch_scale: Sequence[float] | None = None,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (B, T, vocab), mean cross-entropy or None); ``loss_chunk > 0`` with targets computes the loss
-        that many positions at a time and returns no logits (models/loss.py)."""
-        return head_and_loss(self.hidden(idx, layer_map), self.lm_head.weight, None, targets, loss_chunk)
+        that many positions at a time and returns no logits (models/loss.py). ``branch_scale[t]`` scales logical
+        layer t's residual branches."""
+        return head_and_loss(self.hidden(idx, layer_map, branch_scale), self.lm_head.weight, None, targets,
+                             loss_chunk)
 
     # matrix parameters for the FLOPs count (method.md): per block, and for the output head
     def block_matmul_params(self) -> int:

@@ -120,7 +120,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        if scale != 1.0:  # a block run as several logical layers (--repeat-scale uses)
+            x = x + scale * self.attn(self.attn_norm(x), cos, sin)
+            return x + scale * self.mlp(self.mlp_norm(x))
         x = x + self.attn(self.attn_norm(x), cos, sin)
         x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -129,6 +132,7 @@ class Block(nn.Module):
 class Llama(nn.Module):
     family = "llama"
     block_prefix = "blocks"  # growth finds physical block i under "blocks.{i}."
+    residual_out = ("attn.o_proj.", "mlp.down_proj.")  # block parameters that write into the residual stream
 
     def __init__(self, cfg: ModelConfig, n_blocks: int | None = None):
         super().__init__()
@@ -157,21 +161,26 @@ class Llama(nn.Module):
     def make_block(self) -> Block:
         return Block(self.config)
 
-    def hidden(self, idx: torch.Tensor, layer_map: Sequence[int] | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, layer_map: Sequence[int] | None = None,
+               branch_scale: Sequence[float] | None = None) -> torch.Tensor:
         T = idx.shape[1]
         x = self.drop(self.wte(idx))  # (B, T, C)
         cos, sin = rotary_tables(T, self.config.n_embd // self.config.n_head, self.config.rope_theta, idx.device,
                                  x.dtype)
-        for i in range(len(self.blocks)) if layer_map is None else layer_map:
-            x = self.blocks[i](x, cos, sin)
+        order = range(len(self.blocks)) if layer_map is None else layer_map
+        for t, i in enumerate(order):
+            x = self.blocks[i](x, cos, sin) if branch_scale is None else self.blocks[i](x, cos, sin, branch_scale[t])
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 layer_map: Sequence[int] | None = None,
-                loss_chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                loss_chunk: int = 0, branch_scale: Sequence[float] | None = None,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (B, T, vocab), mean cross-entropy or None); ``loss_chunk > 0`` with targets computes the loss
-        that many positions at a time and returns no logits (models/loss.py)."""
-        return head_and_loss(self.hidden(idx, layer_map), self.lm_head.weight, None, targets, loss_chunk)
+        that many positions at a time and returns no logits (models/loss.py). ``branch_scale[t]`` scales logical
+        layer t's residual branches."""
+        return head_and_loss(self.hidden(idx, layer_map, branch_scale), self.lm_head.weight, None, targets,
+                             loss_chunk)
 
     # matrix parameters for the FLOPs count (method.md): per block, and for the output head
     def block_matmul_params(self) -> int:

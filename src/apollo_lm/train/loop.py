@@ -29,7 +29,7 @@ from ..data.batches import Batch, Batcher
 from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..data.tokens import Corpus, prepare_corpus
 from ..errors import UserError
-from ..growth.expand import expand_state
+from ..growth.expand import expand_state, repeat_scales, source_blocks, split_repeated_outputs
 from ..growth.maps import layer_map
 from ..growth.samplers import DepthSampler, rng_from_state, rng_state
 from ..growth.schedule import StageSchedule
@@ -79,15 +79,15 @@ def model_config_for(cfg: RunConfig, vocab_size: int) -> ModelConfig:
 
 
 def evaluate(model: nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None,
-             lmap: list[int] | None = None) -> float:
+             lmap: list[int] | None = None, branch_scale: list[float] | None = None) -> float:
     """Token-weighted mean loss over fixed batches."""
-    total, count = evaluate_sums(model, batches, device, amp, lmap)
+    total, count = evaluate_sums(model, batches, device, amp, lmap, branch_scale)
     return total / max(1, count)
 
 
 @torch.no_grad()
 def evaluate_sums(model: nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None,
-                  lmap: list[int] | None = None) -> tuple[float, int]:
+                  lmap: list[int] | None = None, branch_scale: list[float] | None = None) -> tuple[float, int]:
     """(sum of token losses, scored tokens) over the batches."""
     was_training = model.training
     model.eval()
@@ -95,7 +95,8 @@ def evaluate_sums(model: nn.Module, batches: list[Batch], device: torch.device, 
     for b in batches:
         b = b.to(device)
         with _autocast(device, amp):
-            _, loss = model(b.x, b.y, layer_map=lmap)
+            _, loss = model(b.x, b.y, layer_map=lmap, **({} if branch_scale is None else
+                                                          {"branch_scale": branch_scale}))
         n = int((b.y != -100).sum())
         total += float(loss) * n
         count += n
@@ -371,6 +372,9 @@ class Trainer:
         n_old, n_new = self.state.n_blocks, self.schedule.stages[stage]
         cfg = self.cfg
         weights = expand_state(model_state(self.model), n_old, n_new, cfg.layer_map)
+        if cfg.repeat_scale == "uses":  # the copies split their source's branch: the same function at depth n_new
+            weights = split_repeated_outputs(weights, source_blocks(cfg.layer_map, n_old, n_new),
+                                             self.model.residual_out)
         opt_state = expand_state(named_optimizer_state(self.optimizer, self.model), n_old, n_new, cfg.layer_map,
                                  copy_blocks=cfg.grow_optimizer_state == "copy")
         log.info("step %d: growing %d -> %d blocks (%s, optimizer state %s)", self.state.step, n_old, n_new,
@@ -463,15 +467,20 @@ class Trainer:
             return None
         return layer_map(self.cfg.layer_map, n, L)
 
+    def _branch_scale(self, lmap: list[int] | None) -> list[float] | None:
+        """--repeat-scale uses: each logical layer's share of its block (None: every branch at full strength)."""
+        return repeat_scales(lmap) if lmap is not None and self.cfg.repeat_scale == "uses" else None
+
     def _evaluate(self, lmap: list[int] | None) -> float:
         """Each rank scores its share of the fixed validation batches; the token-weighted mean over all."""
         mine = self.valid_batches[self.dist.rank::self.dist.world]
-        total, count = evaluate_sums(self.model, mine, self.device, self.amp, lmap)
+        scale = self._branch_scale(lmap)
+        total, count = evaluate_sums(self.model, mine, self.device, self.amp, lmap, scale)
         if self.sharded:
             # FSDP forwards are collective: a rank with fewer batches runs extra, uncounted ones; then the
             # gathered parameters are freed so that the model holds the sharded ones the optimizer updates
             extra = -(-len(self.valid_batches) // self.dist.world) - len(mine)
-            evaluate_sums(self.model, self.valid_batches[:extra], self.device, self.amp, lmap)
+            evaluate_sums(self.model, self.valid_batches[:extra], self.device, self.amp, lmap, scale)
             reshard(self.model)
         total, count = all_reduce_sum(self.dist, [total, count], self.device)
         return total / max(1.0, count)
@@ -700,6 +709,8 @@ class Trainer:
         unscaled micro-batch losses (detached)."""
         cfg = self.cfg
         net = self.ddp or self.model
+        branch_scale = self._branch_scale(lmap)
+        scale = {} if branch_scale is None else {"branch_scale": branch_scale}
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             # rank r takes micro-batch micro * world + r: disjoint across ranks, the same data as one process
@@ -709,7 +720,7 @@ class Trainer:
                 self.model.set_requires_gradient_sync(last)
             no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with no_sync, _autocast(self.device, self.amp):
-                _, loss = net(batch.x, batch.y, layer_map=lmap, loss_chunk=cfg.loss_chunk)
+                _, loss = net(batch.x, batch.y, layer_map=lmap, loss_chunk=cfg.loss_chunk, **scale)
                 (loss * (weight / cfg.grad_accum)).backward()
             loss_sum += loss.detach()
         return loss_sum
