@@ -20,6 +20,13 @@ def test_resolved_fills_method_defaults():
     c = RunConfig(method="apollo", preset="gpt-small").resolved()
     assert (c.stages, c.grow_at, c.sampler, c.layer_map) == ("1,3,6,12", "0.05,0.1,0.25", "lvps", "interpolate")
     assert RunConfig(method="apollo").resolved().stages == "1,2,4"  # tiny preset: 4 layers
+    # repeated blocks scaled by 1/uses (with summed shared gradients) where the interpolation map repeats them
+    assert (c.repeat_scale, c.shared_grad) == ("uses", "sum")
+    for kw in (dict(method="apollo", layer_map="stack"), dict(method="apollo", model="bert"), dict(method="stack"),
+               dict(method="apollo", repeat_scale="none")):
+        r = RunConfig(**kw).resolved()
+        assert (r.repeat_scale, r.shared_grad) == ("none", "mean"), kw
+    assert RunConfig(method="progressive", model="llama").resolved().repeat_scale == "uses"
     s = RunConfig(method="stack", preset="gpt-small").resolved()
     # 3 -> 6 -> 12 at 30/60 %, 20 % decay: reached scratch's loss from 3M to 20M tokens (one growth missed at 10M)
     assert (s.stages, s.grow_at, s.sampler, s.layer_map) == ("3,6,12", "0.3,0.6", "none", "stack")

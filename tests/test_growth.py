@@ -208,21 +208,22 @@ def test_mean_shared_gradients_divide_by_uses():
         torch.testing.assert_close(p.grad, summed[n] / k)
 
 
-def test_shared_gradients_are_averaged_by_default(tmp_path, corpus_files):
-    """Default --shared-grad mean: at step 1 (same weights, same batch) a block run 3 times has a third of the
-    summed gradient, so the whole gradient norm (logged before clipping) is smaller than with --shared-grad sum."""
+def test_shared_gradients_are_averaged_by_default_without_repeat_scale(tmp_path, corpus_files):
+    """--repeat-scale none defaults to --shared-grad mean: at step 1 (same weights, same batch) a block run 3 times
+    has a third of the summed gradient, so the whole gradient norm (logged before clipping) is smaller than with
+    --shared-grad sum."""
     train, valid = corpus_files
     norms = {}
     for mode in ("default", "sum"):
         out = tmp_path / mode
-        extra = ["--shared-grad", "sum"] if mode == "sum" else []
+        extra = ["--repeat-scale", "none"] + (["--shared-grad", "sum"] if mode == "sum" else [])
         assert run_cli("train", "--data", str(train), "--valid", str(valid), "--out", str(out), *TINY, "--n-layer",
                        "6", "--steps", "4", "--eval-every", "4", "--method", "apollo", "--stages", "2,6", "--grow-at",
                        "0.75", "--sampler", "fs", *extra) == 0
         rows = read_metrics(out / "metrics.jsonl")
         assert rows[0]["depth"] == 6 and rows[0]["n_blocks"] == 2
         norms[mode] = rows[0]["grad_norm"]
-        assert json.loads((out / "config.json").read_text())["shared_grad"] == ("sum" if extra else "mean")
+        assert json.loads((out / "config.json").read_text())["shared_grad"] == ("sum" if mode == "sum" else "mean")
     assert norms["default"] < 0.9 * norms["sum"]
 
 
@@ -298,7 +299,7 @@ def test_own_depth_weight_adds_physical_depth_pass(tmp_path, corpus_files, grad_
     train, valid = corpus_files
     cfg = RunConfig(method="apollo", data=[str(train)], valid=[str(valid)], n_layer=6, n_embd=32, n_head=2,
                     seq_len=32, vocab_size=300, batch_size=4, eval_batches=1, progress=False, steps=4,
-                    stages="2,6", grow_at="0.75", sampler="fs", own_depth_weight=0.5,
+                    stages="2,6", grow_at="0.75", sampler="fs", own_depth_weight=0.5, repeat_scale="none",
                     grad_accum=grad_accum, grad_clip=0.0).resolved()
     trainer = start_run(cfg, tmp_path / "own")
     model = trainer.model

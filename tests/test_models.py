@@ -76,3 +76,6 @@ def test_block_traces_as_one_graph(family):
         args = (x, None) if family == "bert" else (x,)
     e = torch._dynamo.explain(m.blocks[0])(*args)
     assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+    if family != "bert":  # --repeat-scale uses passes the branch scale as a 0-d tensor: one graph, no break
+        e = torch._dynamo.explain(m.blocks[0])(*args, x.new_full((), 0.25))
+        assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons

@@ -160,15 +160,17 @@ class RunConfig:
     grow_optimizer_state: str = _opt("AdamW moments of grown blocks: copy from the source block, or reset",
                                      default="copy", choices=("copy", "reset"), group="growth")
     shared_grad: str | None = _opt("how gradients of a block run at several depths in one step combine: mean (divided "
-                                   "by the block's number of uses; the default: it trained better in our runs) or "
-                                   "sum (autograd's, as the paper's code does; the default with --repeat-scale uses, "
-                                   "whose branches are already divided by the uses)",
+                                   "by the block's number of uses; the default with --repeat-scale none: it trained "
+                                   "better than sum there) or sum (autograd's, as the paper's code does; the default "
+                                   "with --repeat-scale uses, whose branches are already divided by the uses)",
                                    choices=("sum", "mean"), group="growth")
-    repeat_scale: str = _opt("apollo/progressive with the interpolation map, gpt/llama: none (the paper's: a block "
-                             "run as k consecutive layers adds its full branch k times) or uses (each of the k runs "
-                             "adds 1/k of it, finer steps of the same residual flow, and growth divides the copies' "
-                             "output projections by their number, so a grown model at its own depth is the small "
-                             "one run at that depth)", default="none", choices=("none", "uses"), group="growth")
+    repeat_scale: str | None = _opt("how a block run as k consecutive layers (interpolation map) adds its branch: "
+                                    "uses (each run adds 1/k of it, finer steps of one residual flow, and growth "
+                                    "divides the copies' output projections by their number, so a grown model at its "
+                                    "own depth is the small one run at that depth; the default for apollo and "
+                                    "progressive on gpt and llama: it ended lower in every paired run, BENCHMARKS.md) "
+                                    "or none (the paper's: k full branches)", choices=("none", "uses"),
+                                    group="growth")
     sample_from: float = _opt("sample depths only after this fraction of each stage (0: the whole stage, as in "
                               "the paper); before it the stage runs its physical depth", default=0.0, group="growth")
     sample_until: float = _opt("sample depths only before this fraction of each stage (1: to its end, as in the "
@@ -259,6 +261,9 @@ class RunConfig:
             c.steps = 400
         if c.layer_map is None:
             c.layer_map = "stack" if c.method == "stack" else "interpolate"
+        if c.repeat_scale is None:
+            c.repeat_scale = "uses" if (c.method in ("apollo", "progressive") and c.layer_map == "interpolate"
+                                        and c.model in ("gpt", "llama")) else "none"
         if c.shared_grad is None:
             c.shared_grad = "sum" if c.repeat_scale == "uses" else "mean"
         if c.sampler is None:
@@ -374,7 +379,7 @@ class RunConfig:
         if not (0 <= c.width_noise <= 10):
             raise UserError(f"--width-noise must be in [0, 10] (a multiple of each weight block's RMS; 0 is the "
                             f"paper's exact width operator), got {c.width_noise}")
-        if c.repeat_scale not in ("none", "uses"):
+        if c.repeat_scale not in (None, "none", "uses"):
             raise UserError(f"--repeat-scale must be none or uses, got {c.repeat_scale!r}")
         if c.repeat_scale == "uses" and (c.method not in ("apollo", "progressive") or c.model == "bert"
                                          or c.layer_map not in (None, "interpolate")):

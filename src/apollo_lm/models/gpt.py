@@ -59,8 +59,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        if scale != 1.0:  # a block run as several logical layers (--repeat-scale uses)
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if scale is not None:  # a block run as several logical layers (--repeat-scale uses): a 0-d tensor,
+            # so that compiled blocks (--compile) do not recompile for each value
             x = x + scale * self.attn(self.ln_1(x))
             return x + scale * self.mlp(self.ln_2(x))
         x = x + self.attn(self.ln_1(x))
@@ -109,7 +110,8 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         order = range(len(self.blocks)) if layer_map is None else layer_map
         for t, i in enumerate(order):
-            x = self.blocks[i](x) if branch_scale is None else self.blocks[i](x, branch_scale[t])
+            s = None if branch_scale is None or branch_scale[t] == 1.0 else x.new_full((), branch_scale[t])
+            x = self.blocks[i](x) if s is None else self.blocks[i](x, s)
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,

@@ -120,8 +120,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        if scale != 1.0:  # a block run as several logical layers (--repeat-scale uses)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        if scale is not None:  # a block run as several logical layers (--repeat-scale uses): a 0-d tensor,
+            # so that compiled blocks (--compile) do not recompile for each value
             x = x + scale * self.attn(self.attn_norm(x), cos, sin)
             return x + scale * self.mlp(self.mlp_norm(x))
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -169,7 +171,8 @@ class Llama(nn.Module):
                                  x.dtype)
         order = range(len(self.blocks)) if layer_map is None else layer_map
         for t, i in enumerate(order):
-            x = self.blocks[i](x, cos, sin) if branch_scale is None else self.blocks[i](x, cos, sin, branch_scale[t])
+            s = None if branch_scale is None or branch_scale[t] == 1.0 else x.new_full((), branch_scale[t])
+            x = self.blocks[i](x, cos, sin) if s is None else self.blocks[i](x, cos, sin, s)
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
