@@ -142,10 +142,12 @@ METHODS = {
     "staged-width-wsd": ["--method", "staged", "--stages", "width:64->128@0.5", *WSD2],
     # --repeat-scale uses on the four-stage schedule: a block run as k layers adds 1/k of its branch each time
     # (finer steps of one residual flow), and growth divides the copies' output projections by their number, so
-    # deep draws and growth keep the small model's function; without sampling, and with LVPS (summed shared
-    # gradients, the option's default)
+    # growth keeps the small model's function; without sampling, and with LVPS and mean shared gradients (both the
+    # tool's defaults for these methods since 2026-12-01), or summed ones (the runs in folders named apollo-wsd-rs
+    # of that day, made when --repeat-scale uses summed them by default)
     "progressive-wsd-rs": ["--method", "progressive", *W4, "--repeat-scale", "uses"],
     "apollo-wsd-rs": ["--method", "apollo", *W4, "--repeat-scale", "uses"],
+    "apollo-wsd-rs-sum": ["--method", "apollo", *W4, "--repeat-scale", "uses", "--shared-grad", "sum"],
     # cosine-schedule runs of BENCHMARKS.md section 1 (the paper's schedule: one cosine over the run)
     "scratch-cos": ["--method", "scratch", *C],
     "stack-cos": ["--method", "stack", "--stages", "3,6,12", "--grow-at", "0.1,0.25", *C],

@@ -20,8 +20,8 @@ def test_resolved_fills_method_defaults():
     c = RunConfig(method="apollo", preset="gpt-small").resolved()
     assert (c.stages, c.grow_at, c.sampler, c.layer_map) == ("1,3,6,12", "0.05,0.1,0.25", "lvps", "interpolate")
     assert RunConfig(method="apollo").resolved().stages == "1,2,4"  # tiny preset: 4 layers
-    # repeated blocks scaled by 1/uses (with summed shared gradients) where the interpolation map repeats them
-    assert (c.repeat_scale, c.shared_grad) == ("uses", "sum")
+    # repeated blocks scaled by 1/uses where the interpolation map repeats them
+    assert (c.repeat_scale, c.shared_grad) == ("uses", "mean")
     for kw in (dict(method="apollo", layer_map="stack"), dict(method="apollo", model="bert"), dict(method="stack"),
                dict(method="apollo", repeat_scale="none")):
         r = RunConfig(**kw).resolved()

@@ -208,10 +208,10 @@ def test_mean_shared_gradients_divide_by_uses():
         torch.testing.assert_close(p.grad, summed[n] / k)
 
 
-def test_shared_gradients_are_averaged_by_default_without_repeat_scale(tmp_path, corpus_files):
-    """--repeat-scale none defaults to --shared-grad mean: at step 1 (same weights, same batch) a block run 3 times
-    has a third of the summed gradient, so the whole gradient norm (logged before clipping) is smaller than with
-    --shared-grad sum."""
+def test_shared_gradients_are_averaged_by_default(tmp_path, corpus_files):
+    """Default --shared-grad mean: at step 1 (same weights, same batch) a block run 3 times has a third of the
+    summed gradient, so the whole gradient norm (logged before clipping) is smaller than with --shared-grad sum
+    (shown for the paper's unscaled repeats)."""
     train, valid = corpus_files
     norms = {}
     for mode in ("default", "sum"):
@@ -368,12 +368,12 @@ def test_repeat_scale_growth_keeps_the_function(family):
 
 
 def test_repeat_scale_in_the_loop_and_in_progress_runs(tmp_path, corpus_files):
-    """The loop trains with scaled repeats (summed shared gradients by default) and grows without a jump in the
-    delivered model; a checkpoint taken before the last growth loads as the plain target-depth model it equals."""
+    """The loop trains with scaled repeats and grows without a jump in the delivered model; a checkpoint taken
+    before the last growth loads as the plain target-depth model it equals."""
     out = _growth_run(tmp_path, corpus_files, "rs", "--method", "apollo", "--stages", "1,3,6",
                       "--grow-at", "0.25,0.5", "--repeat-scale", "uses", "--stop-after", "10")
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["repeat_scale"] == "uses" and cfg["shared_grad"] == "sum"
+    assert cfg["repeat_scale"] == "uses" and cfg["shared_grad"] == "mean"
     rows = read_metrics(out / "metrics.jsonl")
     assert {r["depth"] for r in rows} - {1, 3}  # deep draws happened
     ck = read_checkpoint(checkpoint_dirs(out)[-1])

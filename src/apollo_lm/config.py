@@ -159,11 +159,10 @@ class RunConfig:
                                  group="growth")
     grow_optimizer_state: str = _opt("AdamW moments of grown blocks: copy from the source block, or reset",
                                      default="copy", choices=("copy", "reset"), group="growth")
-    shared_grad: str | None = _opt("how gradients of a block run at several depths in one step combine: mean (divided "
-                                   "by the block's number of uses; the default with --repeat-scale none: it trained "
-                                   "better than sum there) or sum (autograd's, as the paper's code does; the default "
-                                   "with --repeat-scale uses, whose branches are already divided by the uses)",
-                                   choices=("sum", "mean"), group="growth")
+    shared_grad: str = _opt("how gradients of a block run at several depths in one step combine: mean (divided by "
+                            "the block's number of uses; the default: it trained better in our runs, with and "
+                            "without --repeat-scale) or sum (autograd's, as the paper's code does)", default="mean",
+                            choices=("sum", "mean"), group="growth")
     repeat_scale: str | None = _opt("how a block run as k consecutive layers (interpolation map) adds its branch: "
                                     "uses (each run adds 1/k of it, finer steps of one residual flow, and growth "
                                     "divides the copies' output projections by their number, so a grown model at its "
@@ -264,8 +263,6 @@ class RunConfig:
         if c.repeat_scale is None:
             c.repeat_scale = "uses" if (c.method in ("apollo", "progressive") and c.layer_map == "interpolate"
                                         and c.model in ("gpt", "llama")) else "none"
-        if c.shared_grad is None:
-            c.shared_grad = "sum" if c.repeat_scale == "uses" else "mean"
         if c.sampler is None:
             c.sampler = "lvps" if c.method == "apollo" else "none"
         if c.method == "staged" and c.stages is None:
@@ -341,7 +338,7 @@ class RunConfig:
                             f"{c.sample_min_blocks}: depths are drawn only in stages with at least that many blocks")
         if c.sample_to not in ("target", "next"):
             raise UserError(f"--sample-to must be target or next, got {c.sample_to!r}")
-        if c.shared_grad not in (None, "sum", "mean"):
+        if c.shared_grad not in ("sum", "mean"):
             raise UserError(f"--shared-grad must be sum or mean, got {c.shared_grad!r}")
         if not (0 <= c.own_depth_weight <= 10) or not math.isfinite(c.own_depth_weight):
             raise UserError(f"--own-depth-weight must be in [0, 10], got {c.own_depth_weight}")
