@@ -196,7 +196,8 @@ class RunConfig:
                            group="growth")
     stage_lr: str | None = _opt("peak learning rate of each stage as a multiple of --lr, e.g. 2,1 for --stages 3,12 "
                                 "(one value per stage; staged: one per growth event plus one; default 1 for every "
-                                "stage): shallower stages may train best at a higher rate", group="growth")
+                                "stage; a higher rate for a 3-block stage ended worse in our runs, BENCHMARKS.md)",
+                                group="growth")
     rewarmup: float = _opt("staged/bert2bert/ligo: after each growth, ramp the learning rate up again over this "
                            "fraction of the budget (0: the schedule simply continues)", default=0.0, group="growth")
     auto_window: int = _opt("staged with @auto: logged steps in the slope fit of the auto growth rule",
