@@ -23,8 +23,10 @@ def runs(tmp_path_factory, docs):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("APOLLO_CACHE", str(root / "cache"))
         common = [*TINY, "--data", str(train), "--valid-fraction", "0.1"]
+        # the paper's unscaled repeats: generation runs the physical blocks through the target-depth map
         assert run_cli("train", *common, "--n-layer", "4", "--method", "apollo", "--stages", "2,4",
-                       "--grow-at", "0.5", "--steps", "4", "--stop-after", "2", "--out", str(root / "gpt")) == 0
+                       "--grow-at", "0.5", "--steps", "4", "--stop-after", "2", "--repeat-scale", "none",
+                       "--out", str(root / "gpt")) == 0
         assert run_cli("train", *common, "--model", "bert", "--steps", "1", "--out", str(root / "bert")) == 0
     return root
 

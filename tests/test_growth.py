@@ -381,7 +381,7 @@ def test_repeat_scale_in_the_loop_and_in_progress_runs(tmp_path, corpus_files):
     small = build_model(ModelConfig.from_dict(ck["model_config"]), 3).eval()
     load_model_state(small, ck["weights"])
     run = load_run(out)
-    assert run.n_blocks == 6 and run.target_map is None
+    assert run.n_blocks == 3 and run.target_map is None and run.grown_from == interpolate_map(3, 6)
     x = torch.randint(0, 300, (2, 16))
     m = interpolate_map(3, 6)
     torch.testing.assert_close(run.model(x)[0], small(x, layer_map=m, branch_scale=repeat_scales(m))[0])

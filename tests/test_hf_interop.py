@@ -14,6 +14,7 @@ from apollo_lm.errors import UserError
 from apollo_lm.eval.evaluate import load_run
 from apollo_lm.interop.hf import export_model, hf_config, hf_model_class, import_hf, init_weights_from_hf
 from apollo_lm.models import build_model
+from apollo_lm.train.checkpoint import checkpoint_dirs, load_model_state, read_checkpoint
 
 from .conftest import TINY, run_cli
 
@@ -132,16 +133,27 @@ def test_init_weights_from_hf_for_a_deeper_run(tmp_path, tokenizers):
         init_weights_from_hf(tmp_path / "hf", wider)
 
 
-def test_export_mid_sampling_run_at_target_depth(tmp_path, corpus_files, caplog, capsys):
+@pytest.mark.parametrize("repeat_scale", ["none", "uses"])
+def test_export_mid_sampling_run_at_target_depth(tmp_path, corpus_files, caplog, capsys, repeat_scale):
     """A run stopped in its first stage (2 physical blocks, target depth 4) exports as a 4-layer model
-    whose logits equal apollo's model run through the target-depth layer map."""
+    whose logits equal apollo's model run through the target-depth layer map (with --repeat-scale uses, each
+    repeat at 1/uses strength: the copies' output projections divided by their number)."""
     train, valid = corpus_files
     run = tmp_path / "run"
     assert run_cli("train", *TINY, "--n-layer", "4", "--method", "apollo", "--stages", "2,4", "--grow-at", "0.5",
                    "--steps", "4", "--stop-after", "1", "--data", str(train), "--valid", str(valid),
-                   "--out", str(run)) == 0
+                   "--out", str(run), "--repeat-scale", repeat_scale) == 0
     loaded = load_run(run)
-    assert loaded.n_blocks == 2 and loaded.target_map == [0, 0, 1, 1]
+    if repeat_scale == "uses":  # loaded as the plain 4-layer model it equals
+        assert loaded.n_blocks == 2 and loaded.target_map is None and loaded.grown_from == [0, 0, 1, 1]
+        small = build_model(loaded.mcfg, 2).eval()
+        load_model_state(small, read_checkpoint(checkpoint_dirs(run)[-1])["weights"])
+        idx = torch.randint(0, loaded.mcfg.vocab_size, (2, 32))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(idx)[0], small(idx, layer_map=[0, 0, 1, 1],
+                                                                   branch_scale=[0.5] * 4)[0])
+    else:
+        assert loaded.n_blocks == 2 and loaded.target_map == [0, 0, 1, 1]
     caplog.clear()
     with caplog.at_level("INFO"):
         assert run_cli("export", str(run), "--to", str(tmp_path / "hf")) == 0
@@ -151,6 +163,7 @@ def test_export_mid_sampling_run_at_target_depth(tmp_path, corpus_files, caplog,
     assert hf.config.n_layer == 4
     meta = json.loads((tmp_path / "hf" / "apollo_export.json").read_text())
     assert meta["materialized_layer_map"] == [0, 0, 1, 1] and meta["physical_blocks"] == 2
+    assert meta["repeat_scale"] == repeat_scale
     idx = torch.randint(0, loaded.mcfg.vocab_size, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, loaded.model(idx, layer_map=loaded.target_map)[0], atol=ATOL,

@@ -41,6 +41,9 @@ class LoadedRun:
     step: int
     target_map: list[int] | None  # how the physical blocks run as the target depth (None: plainly)
     checkpoint: Path
+    # --repeat-scale uses, mid-growth: the map already written into ``model`` (a plain target-depth model whose
+    # copies' output projections are divided by their number of copies); n_blocks stays the physical count
+    grown_from: list[int] | None = None
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
@@ -69,12 +72,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
         model = build_model(mcfg, mcfg.n_layer)
         load_model_state(model, weights, what=f"checkpoint {ck_path}")
         model.to(torch.device(device) if isinstance(device, str) else device).eval()
-        n_blocks, tmap = mcfg.n_layer, None
+        grown_from, tmap = tmap, None
+    else:
+        grown_from = None
     tok = load_tokenizer(str(run / "tokenizer.json"))
     if tok.get_vocab_size() != mcfg.vocab_size:
         raise UserError(f"{run}/tokenizer.json has {tok.get_vocab_size()} tokens but the model has "
                         f"{mcfg.vocab_size}: it is not this run's tokenizer; restore the original")
-    return LoadedRun(cfg, mcfg, tok, model, n_blocks, int(ck["state"]["step"]), tmap, ck_path)
+    return LoadedRun(cfg, mcfg, tok, model, n_blocks, int(ck["state"]["step"]), tmap, ck_path, grown_from)
 
 
 def evaluate_text(run: LoadedRun, sources: list[str], max_tokens: int = 2_000_000, batch_size: int = 16,

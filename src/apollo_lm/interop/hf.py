@@ -330,16 +330,19 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Export
     _check_out_dir(out_dir)
     run = load_run(run_dir)
     tmap = run.target_map
-    if tmap is not None:
+    materialized = tmap if tmap is not None else run.grown_from
+    if materialized is not None:
         log.info("the run is mid-way through growth (%d physical blocks, target depth %d): exporting it at depth "
-                 "%d by copying block g(t) into layer t, g = %s", run.n_blocks, run.mcfg.n_layer, run.mcfg.n_layer,
-                 tmap)
+                 "%d by copying block g(t) into layer t%s, g = %s", run.n_blocks, run.mcfg.n_layer,
+                 run.mcfg.n_layer, " (output projections divided by the copies, --repeat-scale uses)"
+                 if tmap is None else "", materialized)
     extra = {"source_run": str(Path(run_dir).resolve()), "checkpoint": str(run.checkpoint), "step": run.step,
-             "physical_blocks": run.n_blocks, "depth": run.mcfg.n_layer, "materialized_layer_map": tmap}
+             "physical_blocks": run.n_blocks, "depth": run.mcfg.n_layer, "materialized_layer_map": materialized,
+             "repeat_scale": run.cfg.repeat_scale or "none"}
     out = export_model(run.model, run.mcfg, run.tokenizer, out_dir, tmap, extra)
     arch = hf_model_class(run.mcfg.family).__name__
     log.info("exported step %d of %s as %s to %s", run.step, run_dir, arch, out)
-    return ExportResult(out, arch, run.step, tmap)
+    return ExportResult(out, arch, run.step, materialized)
 
 
 # ---------------------------------------------------------------------------------------------- import
