@@ -25,8 +25,8 @@ from ..data.tokenizer import encode_documents, load_tokenizer, special_ids
 from ..errors import UserError
 from ..growth.expand import expand_state, split_repeated_outputs
 from ..growth.maps import layer_map
-from ..models import build_model
-from ..train.checkpoint import latest_checkpoint, load_model_state, model_state, read_checkpoint
+from ..models import FAMILIES, build_model
+from ..train.checkpoint import latest_checkpoint, load_model_state, read_checkpoint
 from ..train.loop import evaluate
 from ..train.wrap import autocast_dtype, resolve_device
 
@@ -58,23 +58,19 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     cfg = RunConfig.from_dict(ck["config"], source=str(ck_path / "config.json"))
     mcfg = ModelConfig.from_dict(ck["model_config"])
     n_blocks = int(ck["model_config"].get("n_blocks", mcfg.n_layer))
-    model = build_model(mcfg, n_blocks)
-    load_model_state(model, ck["weights"], what=f"checkpoint {ck_path}")
-    model.to(torch.device(device) if isinstance(device, str) else device).eval()
     tmap = None if n_blocks == mcfg.n_layer else layer_map(ck["state"].get("layer_map", "interpolate"), n_blocks,
                                                            mcfg.n_layer)
+    weights, grown_from = ck["weights"], None
     if tmap is not None and cfg.repeat_scale == "uses":
-        # the delivered model runs repeated blocks at 1/uses strength: write it out as the plain target-depth
-        # model it equals (the copies' output projections divided by their number), so eval, generate, glue and
-        # export see an ordinary model
-        weights = split_repeated_outputs(expand_state(model_state(model), n_blocks, mcfg.n_layer, "interpolate"),
-                                         tmap, model.residual_out)
-        model = build_model(mcfg, mcfg.n_layer)
-        load_model_state(model, weights, what=f"checkpoint {ck_path}")
-        model.to(torch.device(device) if isinstance(device, str) else device).eval()
+        # the delivered model runs repeated blocks at 1/uses strength: load it as the plain target-depth model it
+        # equals (the copies' output projections divided by their number), so eval, generate, glue and export see
+        # an ordinary model
+        weights = split_repeated_outputs(expand_state(weights, n_blocks, mcfg.n_layer, "interpolate"), tmap,
+                                         FAMILIES[mcfg.family].residual_out)
         grown_from, tmap = tmap, None
-    else:
-        grown_from = None
+    model = build_model(mcfg, mcfg.n_layer if grown_from is not None else n_blocks)
+    load_model_state(model, weights, what=f"checkpoint {ck_path}")
+    model.to(torch.device(device) if isinstance(device, str) else device).eval()
     tok = load_tokenizer(str(run / "tokenizer.json"))
     if tok.get_vocab_size() != mcfg.vocab_size:
         raise UserError(f"{run}/tokenizer.json has {tok.get_vocab_size()} tokens but the model has "

@@ -85,6 +85,11 @@ def evaluate(model: nn.Module, batches: list[Batch], device: torch.device, amp: 
     return total / max(1, count)
 
 
+def _scale_kw(branch_scale: list[float] | None) -> dict[str, Any]:
+    """The model keyword for --repeat-scale uses, passed only when set (BERT's forward has no such argument)."""
+    return {} if branch_scale is None else {"branch_scale": branch_scale}
+
+
 @torch.no_grad()
 def evaluate_sums(model: nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None,
                   lmap: list[int] | None = None, branch_scale: list[float] | None = None) -> tuple[float, int]:
@@ -95,8 +100,7 @@ def evaluate_sums(model: nn.Module, batches: list[Batch], device: torch.device, 
     for b in batches:
         b = b.to(device)
         with _autocast(device, amp):
-            _, loss = model(b.x, b.y, layer_map=lmap, **({} if branch_scale is None else
-                                                          {"branch_scale": branch_scale}))
+            _, loss = model(b.x, b.y, layer_map=lmap, **_scale_kw(branch_scale))
         n = int((b.y != -100).sum())
         total += float(loss) * n
         count += n
@@ -709,8 +713,7 @@ class Trainer:
         unscaled micro-batch losses (detached)."""
         cfg = self.cfg
         net = self.ddp or self.model
-        branch_scale = self._branch_scale(lmap)
-        scale = {} if branch_scale is None else {"branch_scale": branch_scale}
+        scale = _scale_kw(self._branch_scale(lmap))
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             # rank r takes micro-batch micro * world + r: disjoint across ranks, the same data as one process
