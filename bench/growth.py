@@ -191,6 +191,24 @@ for _name, _opts in METHODS.items():
 
 
 
+def _options(args: list[str]) -> dict[str, str | None]:
+    """``--flag value`` pairs (a flag followed by another flag, or last, has the value None); the last one wins."""
+    out: dict[str, str | None] = {}
+    for i, x in enumerate(args):
+        if x.startswith("--"):
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            out[x] = None if nxt is None or nxt.startswith("--") else nxt
+    return out
+
+
+def overridden(extra: list[str], name: str) -> list[str]:
+    """The options given after ``--`` that method ``name``'s own options override (they come later on its command
+    line, so that a named variant keeps its meaning), each as a line saying so."""
+    mine, theirs = _options(extra), _options(METHODS[name])
+    return [f"{name} sets {flag} {theirs[flag]}, which overrides {flag} {mine[flag]} given after --"
+            for flag in mine if flag in theirs and theirs[flag] != mine[flag]]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=tuple(SIZES), default="cpu")
@@ -202,7 +220,8 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=None, help="default: 20 evaluations per run (cpu), 30 (GPU sizes)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at once, each pinned to cpu_count/jobs cores (default: 2 on cpu, 1 on GPU sizes)")
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run (e.g. --lr 3e-3)")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run (e.g. --lr 3e-3); a named variant's own options "
+                   "override them, and a warning names each one overridden")
     a = p.parse_args()
     size = SIZES[a.size]
     data = Path(a.data_dir)
@@ -213,6 +232,9 @@ def main() -> int:
     out = Path(a.out or ROOT / "bench" / "out" / f"growth-{a.size}{'-' + a.tag if a.tag else ''}")
     out.mkdir(parents=True, exist_ok=True)
     extra = [x for x in a.extra if x != "--"]
+    for name in a.methods:
+        for line in overridden(extra, name):
+            print(f"warning: {line}; pick a method without it (e.g. scratch for scratch-wsd)", file=sys.stderr)
     base = [*COMMON, *size["args"], "--data", *[str(data / f) for f in size["train"]], "--valid",
             *[str(data / f) for f in size["valid"]], *extra]
     if a.eval_every is None:

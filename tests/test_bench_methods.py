@@ -41,3 +41,15 @@ def test_named_schedules_match_the_defaults_they_spell_out():
     assert (default.stages, default.grow_at, default.schedule, default.decay) == \
         (spelled.stages, spelled.grow_at, spelled.schedule, spelled.decay)
     assert (early.stages, early.grow_at, early.decay) == ("3,6,12", "0.2,0.5", 0.2)
+
+
+def test_options_a_method_overrides_are_named():
+    """A method's own options come after those given after --; the bench says which it overrides, and only those
+    whose values differ."""
+    assert bench.overridden(["--decay", "0.3", "--seed", "2"], "scratch-wsd") == [
+        "scratch-wsd sets --decay 0.2, which overrides --decay 0.3 given after --"]
+    assert bench.overridden(["--decay", "0.2", "--schedule", "wsd"], "scratch-wsd") == []
+    assert bench.overridden(["--decay", "0.3"], "scratch") == []
+    assert bench.overridden(["--stages", "3,12", "--grow-at", "0.7"], "stack") == []
+    assert bench.overridden(["--method", "stack"], "progressive") == [
+        "progressive sets --method progressive, which overrides --method stack given after --"]
