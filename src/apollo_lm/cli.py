@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -157,9 +158,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                  trainer.mcfg.n_embd, trainer.mcfg.n_head, trainer.mcfg.vocab_size, cfg.method, n_params / 1e6,
                  len(trainer.corpus.train.tokens), len(trainer.corpus.valid.tokens))
     last = trainer.train()
-    # release the torchrun process group before exit: left to interpreter shutdown, gloo's threads were seen to
-    # abort a rank after a finished run ("terminate called without an active exception")
-    destroy(trainer.dist)
     st = trainer.state
     if trainer.done():
         val = st.last_val_loss
@@ -168,6 +166,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                  val, _exp(val), trainer.mcfg.n_layer)
         log.info("run directory: %s (metrics.jsonl, checkpoints/); evaluate with: apollo eval %s --data FILE",
                  trainer.run_dir, trainer.run_dir)
+    info = trainer.dist
+    if info.enabled:
+        # tear torchrun's process group down while the interpreter is fully alive: left to interpreter shutdown,
+        # gloo's worker threads, and the sharded model and optimizer state whose pending work they hold, were seen
+        # to abort a rank after a finished run ("terminate called without an active exception", SIGABRT)
+        del trainer
+        gc.collect()
+    destroy(info)
+    gc.collect()
     return 0 if last is not None else 1
 
 

@@ -68,5 +68,8 @@ def same_on_all_ranks(info: DistInfo, value: int, device: torch.device) -> bool:
 
 
 def destroy(info: DistInfo) -> None:
+    """End the process group once every rank is done with its collectives (called after a finished run only: a
+    rank that failed takes torchrun's other ranks down with it)."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
