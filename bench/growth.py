@@ -220,7 +220,8 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=None, help="default: 20 evaluations per run (cpu), 30 (GPU sizes)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at once, each pinned to cpu_count/jobs cores (default: 2 on cpu, 1 on GPU sizes)")
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run (e.g. --lr 3e-3); a named variant's own options "
+    p.add_argument("extra", nargs=argparse.REMAINDER,
+                   help="after --: options passed to every run (e.g. --lr 3e-3); a named variant's own options "
                    "override them, and a warning names each one overridden")
     a = p.parse_args()
     size = SIZES[a.size]

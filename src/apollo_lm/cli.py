@@ -173,8 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # to abort a rank after a finished run ("terminate called without an active exception", SIGABRT)
         del trainer
         gc.collect()
-    destroy(info)
-    gc.collect()
+        destroy(info)
+        gc.collect()
     return 0 if last is not None else 1
 
 
