@@ -66,10 +66,21 @@ WSD2 = ["--schedule", "wsd", "--decay", "0.2"]  # warmup-stable-decay, 20 % deca
 STACKS3 = [*WSD2, "--stages", "3,6,12"]
 STACK3 = [*STACKS3, "--grow-at", "0.2,0.5"]
 STACK3_LATE = [*STACKS3, "--grow-at", "0.3,0.6"]  # the same stages at 30/60 %: today's default stack
+
+
+def _options(args: list[str]) -> dict[str, str | None]:
+    """``--flag value`` pairs (a flag followed by another flag, or last, has the value None); the last one wins."""
+    out: dict[str, str | None] = {}
+    for i, x in enumerate(args):
+        if x.startswith("--"):
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            out[x] = None if nxt is None or nxt.startswith("--") else nxt
+    return out
+
+
 def _last(args: list[str], flag: str) -> str:
     """The value of the last ``flag`` in ``args`` (later options override earlier ones, as in argparse)."""
-    i = len(args) - 1 - args[::-1].index(flag)
-    return args[i + 1]
+    return _options(args)[flag]
 
 
 METHODS = {
@@ -188,17 +199,6 @@ for _name, _opts in METHODS.items():
     if (_name not in FOLLOW_DEFAULTS and _last(_opts, "--method") in ("apollo", "progressive")
             and "--repeat-scale" not in _opts and "stack" not in _opts):
         _opts += ["--repeat-scale", "none"]
-
-
-
-def _options(args: list[str]) -> dict[str, str | None]:
-    """``--flag value`` pairs (a flag followed by another flag, or last, has the value None); the last one wins."""
-    out: dict[str, str | None] = {}
-    for i, x in enumerate(args):
-        if x.startswith("--"):
-            nxt = args[i + 1] if i + 1 < len(args) else None
-            out[x] = None if nxt is None or nxt.startswith("--") else nxt
-    return out
 
 
 def overridden(extra: list[str], name: str) -> list[str]:
