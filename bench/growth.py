@@ -154,6 +154,10 @@ METHODS = {
     # the same operator later (35/70 %), and as one growth 3 -> 12 (each block followed by three identity blocks)
     "staged-depth-wsd-late": ["--method", "staged", "--stages", "depth:3->6@0.35, depth:6->12@0.7", *WSD2],
     "staged-one-wsd": ["--method", "staged", "--stages", "depth:3->12@0.7", *WSD2],
+    # two late growths 3 -> 6 -> 12 at 50/80 % (the same FLOPs as one growth at 70 %; the short-budget schedule
+    # of the README since 2026-12-02), by stacking and by staged's depth operator
+    "stack-wsd-5080": ["--method", "stack", *STACKS3, "--grow-at", "0.5,0.8"],
+    "staged-depth-wsd-5080": ["--method", "staged", "--stages", "depth:3->6@0.5, depth:6->12@0.8", *WSD2],
     # staged training's width operator: all 12 layers at half width (64 hidden, 2 heads) until 50 %, then doubled;
     # symmetry-breaking noise: the tool's default (--width-noise 1); `-- --width-noise 0` for the paper's operator
     "staged-width-wsd": ["--method", "staged", "--stages", "width:64->128@0.5", *WSD2],

@@ -41,6 +41,11 @@ def test_named_schedules_match_the_defaults_they_spell_out():
     assert (default.stages, default.grow_at, default.schedule, default.decay) == \
         (spelled.stages, spelled.grow_at, spelled.schedule, spelled.decay)
     assert (early.stages, early.grow_at, early.decay) == ("3,6,12", "0.2,0.5", 0.2)
+    late2 = _config([*cpu, *bench.METHODS["stack-wsd-5080"]])
+    assert (late2.method, late2.stages, late2.grow_at, late2.schedule, late2.decay) == \
+        ("stack", "3,6,12", "0.5,0.8", "wsd", 0.2)
+    staged = _config([*cpu, *bench.METHODS["staged-depth-wsd-5080"]])
+    assert (staged.method, staged.stages, staged.decay) == ("staged", "depth:3->6@0.5, depth:6->12@0.8", 0.2)
 
 
 def test_options_a_method_overrides_are_named():
