@@ -68,6 +68,11 @@ STACK3 = [*STACKS3, "--grow-at", "0.2,0.5"]
 STACK3_LATE = [*STACKS3, "--grow-at", "0.3,0.6"]  # the same stages at 30/60 %: today's default stack
 
 
+def _staged3(first: str, second: str) -> list[str]:
+    """Staged training's depth operator on the three stages 3 -> 6 -> 12, growing at these fractions, 20 % decay."""
+    return ["--method", "staged", "--stages", f"depth:3->6@{first}, depth:6->12@{second}", *WSD2]
+
+
 def _options(args: list[str]) -> dict[str, str | None]:
     """``--flag value`` pairs (a flag followed by another flag, or last, has the value None); the last one wins."""
     out: dict[str, str | None] = {}
@@ -150,14 +155,14 @@ METHODS = {
     # the default's stages and growth points (3 -> 6 -> 12 at 30/60 %, 20 % wsd decay) grown by staged training's
     # function-preserving depth operator (each block followed by a new one that starts as the identity, zero
     # output projections and zero moments) instead of stacking copies
-    "staged-depth-wsd": ["--method", "staged", "--stages", "depth:3->6@0.3, depth:6->12@0.6", *WSD2],
+    "staged-depth-wsd": _staged3("0.3", "0.6"),
     # the same operator later (35/70 %), and as one growth 3 -> 12 (each block followed by three identity blocks)
-    "staged-depth-wsd-late": ["--method", "staged", "--stages", "depth:3->6@0.35, depth:6->12@0.7", *WSD2],
+    "staged-depth-wsd-late": _staged3("0.35", "0.7"),
     "staged-one-wsd": ["--method", "staged", "--stages", "depth:3->12@0.7", *WSD2],
     # two late growths 3 -> 6 -> 12 at 50/80 % (the same FLOPs as one growth at 70 %; the short-budget schedule
     # of the README since 2026-12-02), by stacking and by staged's depth operator
     "stack-wsd-5080": ["--method", "stack", *STACKS3, "--grow-at", "0.5,0.8"],
-    "staged-depth-wsd-5080": ["--method", "staged", "--stages", "depth:3->6@0.5, depth:6->12@0.8", *WSD2],
+    "staged-depth-wsd-5080": _staged3("0.5", "0.8"),
     # staged training's width operator: all 12 layers at half width (64 hidden, 2 heads) until 50 %, then doubled;
     # symmetry-breaking noise: the tool's default (--width-noise 1); `-- --width-noise 0` for the paper's operator
     "staged-width-wsd": ["--method", "staged", "--stages", "width:64->128@0.5", *WSD2],
