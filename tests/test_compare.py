@@ -1,6 +1,7 @@
 """apollo compare: crossing points interpolated between evaluations, savings, refusals, report files."""
 
 import json
+import re
 
 import pytest
 
@@ -54,6 +55,42 @@ def test_crossing_and_savings(tmp_path):
     assert _loss_at_flops([{"flops": 10, "val_loss": 2.0}, {"flops": 20, "val_loss": 1.0}], 15) == 1.5
 
 
+def test_given_target_loss_with_and_without_a_scratch_run(tmp_path):
+    scratch = _fake_run(tmp_path / "s", "scratch", [(100, 10, 5.0), (200, 20, 4.0), (400, 40, 3.0)])
+    fast = _fake_run(tmp_path / "f", "progressive", [(100, 8, 4.0), (200, 16, 2.0), (300, 24, 1.9)])
+    # a target of the user's choosing: scratch's own cost is where its curve reaches it (4.5: 150 FLOPs, 15 s)
+    res = compare(scratch, [fast], target_loss=4.5)
+    f = res["methods"]["f"]
+    assert res["target_source"] == "given" and res["scratch_flops"] == pytest.approx(150)
+    # fast is below 4.5 at its first evaluation (100 FLOPs, 8 s): nothing earlier to interpolate from
+    assert f["flops_to_target"] == 100 and f["flops_saving"] == pytest.approx(1 - 100 / 150)
+    assert f["wall_saving"] == pytest.approx(1 - 8 / 15)
+    assert "(given), which scratch run" in to_markdown(res)
+    with pytest.raises(UserError, match="never reaches --target-loss 2.5 .*lowest validation loss is 3.0000"):
+        compare(scratch, [fast], target_loss=2.5)
+    # no scratch run: its final loss and cost as the user knows them
+    res = compare(None, [fast], target_loss=3.0, scratch_flops=400.0, scratch_wall=40.0)
+    f = res["methods"]["f"]
+    assert res["scratch"] is None and f["flops_saving"] == pytest.approx(1 - 150 / 400)
+    assert f["wall_saving"] == pytest.approx(1 - 12 / 40) and "loss_at_equal_flops" not in f
+    md = to_markdown(res)
+    assert "(given; no scratch run)" in md and "4.00e+02" not in md and "400 FLOPs (given)" in md
+    assert "| 62.5 % | 70.0 % |" in md  # the same figures as against the scratch run itself
+    # without a time, the wall-clock saving is n/a, not "did not reach"
+    f = compare(None, [fast], target_loss=3.0, scratch_flops=400.0)["methods"]["f"]
+    assert f["reached"] and f["wall_saving"] is None
+    slow = _fake_run(tmp_path / "w", "apollo", [(200, 30, 4.5), (400, 60, 3.5)])
+    assert not compare(None, [slow], target_loss=3.0, scratch_flops=400.0)["methods"]["w"]["reached"]
+    for kwargs, msg in [(dict(target_loss=3.0), "give --target-loss .* and --scratch-flops"),
+                        (dict(target_loss=-1.0, scratch_flops=400.0), "positive validation loss"),
+                        (dict(target_loss=3.0, scratch_flops=0.0), "positive number of FLOPs"),
+                        (dict(target_loss=3.0, scratch_flops=400.0, scratch_wall=-1.0), "positive number of seconds")]:
+        with pytest.raises(UserError, match=msg):
+            compare(None, [fast], **kwargs)
+    with pytest.raises(UserError, match="stand in for a scratch run"):
+        compare(scratch, [fast], target_loss=3.0, scratch_flops=400.0)
+
+
 def test_refuses_incomparable_runs(tmp_path):
     scratch = _fake_run(tmp_path / "s", "scratch", [(100, 10, 5.0)])
     other = _fake_run(tmp_path / "o", "apollo", [(100, 10, 5.0)], n_embd=64)
@@ -95,6 +132,24 @@ def test_compare_end_to_end(tmp_path, corpus_files, capsys):
     assert set(m) >= {"run", "reached", "flops_saving", "wall_saving", "final_val_loss"}
     for png in ("loss_vs_flops.png", "loss_vs_wall.png", "depths.png"):
         assert (tmp_path / "cmp" / png).stat().st_size > 1000
+    # the same comparison with scratch known only by its final loss: 'budget' is what the scratch run cost (the
+    # target model at full depth over the same tokens), for the scratch run itself and for the apollo run alike
+    assert run_cli("compare", str(tmp_path / "scratch"), str(tmp_path / "apollo"), "--target-loss",
+                   repr(res["target_loss"]), "--scratch-flops", "budget", "--out", str(tmp_path / "cmp2"),
+                   "--json") == 0
+    known = json.loads(capsys.readouterr().out)
+    for name in ("scratch", "apollo"):
+        assert known["methods"][name]["scratch_flops"] == pytest.approx(res["scratch_flops"], rel=1e-9)
+    k = known["methods"]["apollo"]
+    assert k["reached"] == m["reached"] and k["final_val_loss"] == m["final_val_loss"]
+    assert k["flops_saving"] == m["flops_saving"] or k["flops_saving"] == pytest.approx(m["flops_saving"])
+    assert (tmp_path / "cmp2" / "loss_vs_flops.png").stat().st_size > 1000
+    for args, msg in [(("--scratch-flops", "lots"), "a number of FLOPs .* or 'budget'"),
+                      (("--scratch-flops", "budget"), "give its final validation loss as --target-loss"),
+                      (("--scratch-wall", "3"), "--scratch-wall goes with --scratch-flops"),
+                      ((), "give the scratch run's directory and at least one")]:
+        assert run_cli("compare", str(tmp_path / "apollo"), *args) == 2
+        assert re.search(msg, capsys.readouterr().err)
     # a run on other data is refused with a clear message
     assert run_cli("train", *common, "--out", str(tmp_path / "other"), "--valid-fraction", "0.1") == 0
     capsys.readouterr()

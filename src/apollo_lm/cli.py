@@ -86,8 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plot", metavar="PNG", help="also save a bar chart")
 
     c = sub.add_parser("compare", help="how much compute and time growth saved against training from scratch")
-    c.add_argument("scratch", help="run directory of the scratch (baseline) run")
-    c.add_argument("runs", nargs="+", help="run directories of the methods to compare")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run directory of the scratch (baseline) run, then those "
+                   "of the methods to compare; with --scratch-flops only the methods' (no scratch run)")
+    c.add_argument("--target-loss", type=float, default=None, help="the validation loss to reach (default: the "
+                   "scratch run's final one); without a scratch run, its final loss as you know it")
+    c.add_argument("--scratch-flops", default=None, metavar="FLOPS|budget", help="for a scratch run known only by "
+                   "its final loss (give it as --target-loss): its training FLOPs, e.g. 1.69e14, or 'budget': the "
+                   "target model at full depth over each run's own tokens, what a scratch run of the same token "
+                   "budget costs")
+    c.add_argument("--scratch-wall", type=float, default=None, metavar="SECONDS", help="with --scratch-flops: the "
+                   "scratch run's training seconds (evaluation excluded), for the wall-clock saving; only "
+                   "meaningful if it ran on the same machine")
     c.add_argument("--out", default=None, help="output directory for compare.json, compare.md and plots "
                    "(default: compare/ next to the scratch run)")
     c.add_argument("--json", action="store_true", help="print compare.json instead of the table")
@@ -257,7 +266,28 @@ def cmd_depths(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .eval.compare import compare_runs
 
-    return compare_runs(args.scratch, args.runs, args.out, as_json=args.json)
+    flops = args.scratch_flops
+    if flops is not None and flops != "budget":
+        try:
+            flops = float(flops)
+        except ValueError:
+            raise UserError(f"--scratch-flops takes a number of FLOPs (e.g. 1.69e14) or 'budget', "
+                            f"got {flops!r}") from None
+    if flops is None and args.scratch_wall is not None:
+        raise UserError("--scratch-wall goes with --scratch-flops (a scratch run known by its numbers); with a "
+                        "scratch run directory its own time is used")
+    if flops is None:
+        if len(args.runs) < 2:
+            raise UserError("give the scratch run's directory and at least one method run's, or, without a scratch "
+                            "run, --target-loss and --scratch-flops")
+        scratch, runs = args.runs[0], args.runs[1:]
+    else:
+        if args.target_loss is None:
+            raise UserError("--scratch-flops stands in for a scratch run: give its final validation loss as "
+                            "--target-loss too")
+        scratch, runs = None, args.runs
+    return compare_runs(scratch, runs, args.out, as_json=args.json, target_loss=args.target_loss,
+                        scratch_flops=flops, scratch_wall=args.scratch_wall)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -5,6 +5,12 @@ target depth first reaches the scratch run's final validation loss, linearly int
 evaluations that straddle it; the savings ``1 - method / scratch`` for both; the final validation loss; and
 both runs' losses at equal FLOPs (the smaller of the two totals). A method that never reaches the target is
 reported as such.
+
+Two other targets: ``target_loss`` with a scratch run measures both against a loss of your choosing (scratch's
+cost is then where its own curve reaches it); ``target_loss`` without one, for a scratch run known only by its
+final loss (a paper's table, a run on another machine), measures the savings against the scratch cost you give:
+FLOPs, or ``"budget"``, what training the target model at full depth over each method run's own token budget
+costs, and optionally seconds.
 Reads only each run's ``config.json``, ``model.json``, ``data.json`` and ``metrics.jsonl``.
 """
 
@@ -167,39 +173,93 @@ def stage_depth_histograms(run: Run) -> dict[int, dict[int, int]]:
     return {n: dict(sorted(h.items())) for n, h in sorted(hist.items())}
 
 
-def compare(scratch: Run, runs: list[Run]) -> dict[str, Any]:
-    for r in runs:
-        check_comparable(scratch, r)
-    final = scratch.evals[-1]
-    target = final["val_loss"]
-    out: dict[str, Any] = {"scratch": str(scratch.path), "scratch_recipe": recipe(scratch.config),
-                           "target_loss": target, "scratch_flops": final["flops"], "scratch_wall": final["wall"],
-                           "methods": {}}
+def full_depth_budget_flops(run: Run) -> float:
+    """What training ``run``'s target model from scratch over the run's own tokens costs: the analytic FLOPs of a
+    full-depth step (method.md, the count training uses) per token, times the tokens the run trained on."""
+    import torch
+
+    from ..config import ModelConfig
+    from ..models import build_model
+    from ..train.flops import train_step_flops
+
+    if run.config.get("flops") is not None:
+        raise UserError(f"{run.path} was trained to a FLOPs budget (--flops), so its tokens are not what a scratch "
+                        "run of that budget trains on: give --scratch-flops as a number (the scratch run's FLOPs)")
+    cfg = ModelConfig.from_dict(run.model)
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised for real
+        model = build_model(cfg, n_blocks=1)
+    tokens = run.rows[-1]["tokens"]
+    return train_step_flops(model, cfg.n_layer, int(run.config["seq_len"]), 1) * tokens
+
+
+def compare(scratch: Run | None, runs: list[Run], target_loss: float | None = None,
+            scratch_flops: float | str | None = None, scratch_wall: float | None = None) -> dict[str, Any]:
+    """The report of ``apollo compare`` as a dict (``compare.json``). With a scratch run and no ``target_loss``
+    the target is its final validation loss; see the module's text for the other two cases."""
+    if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):
+        raise UserError(f"--target-loss must be a positive validation loss, got {target_loss}")
+    if scratch is not None:
+        if scratch_flops is not None or scratch_wall is not None:
+            raise UserError("--scratch-flops / --scratch-wall stand in for a scratch run: give them without one "
+                            "(with --target-loss), or give the scratch run and not them")
+        for r in runs:
+            check_comparable(scratch, r)
+        final = scratch.evals[-1]
+        if target_loss is None:
+            target, ref = final["val_loss"], (final["flops"], final["wall"])
+        else:
+            target, ref = target_loss, _crossing(scratch.evals, target_loss)
+            if ref is None:
+                lowest = min(e["val_loss"] for e in scratch.evals)
+                raise UserError(f"the scratch run {scratch.path} never reaches --target-loss {target_loss:g} (its "
+                                f"lowest validation loss is {lowest:.4f}): choose a target it reaches")
+        source = "scratch final loss" if target_loss is None else "given"
+    else:
+        if target_loss is None or scratch_flops is None:
+            raise UserError("without a scratch run give --target-loss (its final validation loss) and --scratch-flops "
+                            "(its training FLOPs, or 'budget')")
+        target, source, final = target_loss, "given", None
+    if isinstance(scratch_flops, float) and not (math.isfinite(scratch_flops) and scratch_flops > 0):
+        raise UserError(f"--scratch-flops must be a positive number of FLOPs or 'budget', got {scratch_flops}")
+    if scratch_wall is not None and not (math.isfinite(scratch_wall) and scratch_wall > 0):
+        raise UserError(f"--scratch-wall must be a positive number of seconds, got {scratch_wall}")
+    top_flops = ref[0] if scratch is not None else (scratch_flops if isinstance(scratch_flops, float) else None)
+    top_wall = ref[1] if scratch is not None else scratch_wall
+    out: dict[str, Any] = {"scratch": str(scratch.path) if scratch else None,
+                           "scratch_recipe": recipe(scratch.config) if scratch else None,
+                           "target_loss": target, "target_source": source, "scratch_flops": top_flops,
+                           "scratch_wall": top_wall, "methods": {}}
     names = [r.name for r in runs]
     for r in runs:
         name = r.name if names.count(r.name) == 1 else str(r.path)
+        ref_flops = top_flops if top_flops is not None else full_depth_budget_flops(r)
+        ref_wall = top_wall
         cross = _crossing(r.evals, target)
-        equal = min(final["flops"], r.evals[-1]["flops"])  # both runs' losses at the smaller of their totals
         entry = {
             "run": str(r.path), "method": r.config.get("method"), "sampler": r.config.get("sampler"),
             "recipe": recipe(r.config),
             "reached": cross is not None,
             "flops_to_target": cross[0] if cross else None, "wall_to_target": cross[1] if cross else None,
-            "flops_saving": 1 - cross[0] / final["flops"] if cross else None,
-            "wall_saving": 1 - cross[1] / final["wall"] if cross and final["wall"] > 0 else None,
+            "scratch_flops": ref_flops, "scratch_wall": ref_wall,
+            "flops_saving": 1 - cross[0] / ref_flops if cross else None,
+            "wall_saving": 1 - cross[1] / ref_wall if cross and ref_wall else None,
             "final_val_loss": r.evals[-1]["val_loss"],
-            "equal_flops": equal,
-            "loss_at_equal_flops": _loss_at_flops(r.evals, equal),
-            "scratch_loss_at_equal_flops": _loss_at_flops(scratch.evals, equal),
-            # read off scratch's curve before the end of its schedule (before its decay under WSD): higher than a
-            # scratch run given only that budget would end at, so this favours the method
-            "scratch_mid_run_at_equal_flops": equal < final["flops"],
             "total_flops": r.evals[-1]["flops"], "total_wall": r.evals[-1]["wall"],
         }
+        if scratch is not None:
+            equal = min(final["flops"], r.evals[-1]["flops"])  # both runs' losses at the smaller of their totals
+            entry.update({
+                "equal_flops": equal,
+                "loss_at_equal_flops": _loss_at_flops(r.evals, equal),
+                "scratch_loss_at_equal_flops": _loss_at_flops(scratch.evals, equal),
+                # read off scratch's curve before the end of its schedule (before its decay under WSD): higher
+                # than a scratch run given only that budget would end at, so this favours the method
+                "scratch_mid_run_at_equal_flops": equal < final["flops"],
+            })
         small = next((row["small_flops"] for row in r.rows if row.get("small_flops") is not None), None)
         if small is not None:  # bert2bert / ligo: the papers count from the grown model on
             entry["small_model_flops"] = small
-            entry["flops_saving_excluding_small"] = 1 - (cross[0] - small) / final["flops"] if cross else None
+            entry["flops_saving_excluding_small"] = 1 - (cross[0] - small) / ref_flops if cross else None
         out["methods"][name] = entry
     return out
 
@@ -208,24 +268,37 @@ def _pct(x: float | None) -> str:
     return "did not reach" if x is None else f"{100 * x:.1f} %"
 
 
+def _target_line(result: dict[str, Any]) -> str:
+    loss = f"**{result['target_loss']:.4f}**"
+    if result.get("scratch"):
+        sr = f" ({result['scratch_recipe']})" if result.get("scratch_recipe") else ""
+        cost = f"{result['scratch_flops']:.3g} FLOPs, {result['scratch_wall']:.1f} s"
+        if result.get("target_source", "scratch final loss") == "scratch final loss":
+            return f"Target: scratch run `{result['scratch']}`{sr} final validation loss {loss} ({cost})"
+        return f"Target: validation loss {loss} (given), which scratch run `{result['scratch']}`{sr} reaches at {cost}"
+    flops = (f"{result['scratch_flops']:.3g} FLOPs (given)" if result["scratch_flops"] is not None else
+             "each run's own token budget at full depth in FLOPs")
+    wall = f"{result['scratch_wall']:.1f} s (given)" if result["scratch_wall"] else "no time given"
+    return f"Target: validation loss {loss} (given; no scratch run), savings against scratch's cost of {flops}, {wall}"
+
+
 def to_markdown(result: dict[str, Any]) -> str:
-    sr = f" ({result['scratch_recipe']})" if result.get("scratch_recipe") else ""
-    lines = [f"Target: scratch run `{result['scratch']}`{sr} final validation loss **{result['target_loss']:.4f}** "
-             f"({result['scratch_flops']:.3g} FLOPs, {result['scratch_wall']:.1f} s)", "",
+    lines = [_target_line(result), "",
              "| method | run | reached | FLOPs saving | wall-clock saving | final val loss "
              "| loss vs scratch's at equal FLOPs |",
              "|---|---|---|---|---|---|---|"]
     for name, m in result["methods"].items():
         label = m["recipe"]
-        a, b = m["loss_at_equal_flops"], m["scratch_loss_at_equal_flops"]
+        a, b = m.get("loss_at_equal_flops"), m.get("scratch_loss_at_equal_flops")
         las = "n/a" if a is None or b is None else f"{a:.4f} vs {b:.4f} at {m['equal_flops']:.3g}"
         saving = _pct(m["flops_saving"])
         if "flops_saving_excluding_small" in m:
             saving += f" ({_pct(m['flops_saving_excluding_small'])} without the small model)"
         if m.get("scratch_mid_run_at_equal_flops") and las != "n/a":
             las += " (scratch mid-run)"
+        wall = "n/a" if m["reached"] and m["wall_saving"] is None else _pct(m["wall_saving"])
         lines.append(f"| {label} | {name} | {'yes' if m['reached'] else 'no'} | {saving} | "
-                     f"{_pct(m['wall_saving'])} | {m['final_val_loss']:.4f} | {las} |")
+                     f"{wall} | {m['final_val_loss']:.4f} | {las} |")
     if any(m.get("scratch_mid_run_at_equal_flops") for m in result["methods"].values()):
         lines += ["", "Scratch mid-run: its loss at equal FLOPs is read off its curve before the end of its "
                   "learning-rate schedule, which is higher than a scratch run given only that budget would end at; "
@@ -233,7 +306,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(scratch: Run, runs: list[Run], result: dict[str, Any], out_dir: Path) -> None:
+def write_report(scratch: Run | None, runs: list[Run], result: dict[str, Any], out_dir: Path) -> None:
     from .plots import plot_curves, plot_stage_depths
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,7 +315,7 @@ def write_report(scratch: Run, runs: list[Run], result: dict[str, Any], out_dir:
     os.replace(tmp, out_dir / "compare.json")
     (out_dir / "compare.md.tmp").write_text(to_markdown(result) + "\n")
     os.replace(out_dir / "compare.md.tmp", out_dir / "compare.md")
-    all_runs = [scratch, *runs]
+    all_runs = [scratch, *runs] if scratch else runs
     flops = {r.label: ([e["flops"] for e in r.evals], [e["val_loss"] for e in r.evals]) for r in all_runs}
     wall = {r.label: ([e["wall"] for e in r.evals], [e["val_loss"] for e in r.evals]) for r in all_runs}
     target = result["target_loss"]
@@ -253,11 +326,13 @@ def write_report(scratch: Run, runs: list[Run], result: dict[str, Any], out_dir:
     plot_stage_depths({r.name: stage_depth_histograms(r) for r in runs}, out_dir / "depths.png")
 
 
-def compare_runs(scratch_dir: str, run_dirs: list[str], out: str | None, as_json: bool = False) -> int:
-    scratch = load_run_metrics(scratch_dir)
+def compare_runs(scratch_dir: str | None, run_dirs: list[str], out: str | None, as_json: bool = False,
+                 target_loss: float | None = None, scratch_flops: float | str | None = None,
+                 scratch_wall: float | None = None) -> int:
+    scratch = load_run_metrics(scratch_dir) if scratch_dir else None
     runs = [load_run_metrics(d) for d in run_dirs]
-    result = compare(scratch, runs)
-    out_dir = Path(out) if out else scratch.path.parent / "compare"
+    result = compare(scratch, runs, target_loss, scratch_flops, scratch_wall)
+    out_dir = Path(out) if out else (scratch or runs[0]).path.parent / "compare"
     write_report(scratch, runs, result, out_dir)
     if as_json:
         print(json.dumps(result, indent=1))
