@@ -1,12 +1,15 @@
 """apollo compare: crossing points interpolated between evaluations, savings, refusals, report files."""
 
+import importlib.util
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from apollo_lm.errors import UserError
-from apollo_lm.eval.compare import _crossing, _loss_at_flops, compare, load_run_metrics, to_markdown
+from apollo_lm.eval.compare import (_crossing, _loss_at_flops, compare, load_run_metrics, stage_depth_histograms,
+                                   to_markdown)
 
 from .conftest import TINY, run_cli
 
@@ -144,6 +147,22 @@ def test_compare_end_to_end(tmp_path, corpus_files, capsys):
     assert k["reached"] == m["reached"] and k["final_val_loss"] == m["final_val_loss"]
     assert k["flops_saving"] == m["flops_saving"] or k["flops_saving"] == pytest.approx(m["flops_saving"])
     assert (tmp_path / "cmp2" / "loss_vs_flops.png").stat().st_size > 1000
+    # bench/archive.py keeps a few kB of each run, on which compare gives the same report and depth histograms
+    spec = importlib.util.spec_from_file_location("bench_archive", Path(__file__).parents[1] / "bench" / "archive.py")
+    archive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(archive)
+    assert archive.main([str(tmp_path / "scratch"), str(tmp_path / "apollo"), "--to", str(tmp_path / "kept")]) == 0
+    kept = tmp_path / "kept" / tmp_path.name
+    assert not (kept / "apollo" / "tokenizer.json").exists() and (kept / "apollo" / "tokenizer.sha256").is_file()
+    again = compare(load_run_metrics(kept / "scratch"), [load_run_metrics(kept / "apollo")])
+    for key in ("target_loss", "scratch_flops", "scratch_wall", "scratch_recipe"):
+        assert again[key] == res[key]
+    assert {k: v for k, v in again["methods"]["apollo"].items() if k != "run"} == \
+        {k: v for k, v in res["methods"]["apollo"].items() if k != "run"}
+    hist = stage_depth_histograms(load_run_metrics(kept / "apollo"))
+    assert hist and hist == stage_depth_histograms(load_run_metrics(tmp_path / "apollo"))
+    capsys.readouterr()
+    assert archive.main([str(tmp_path / "nothing")]) == 2 and "not a finished run" in capsys.readouterr().err
     for args, msg in [(("--scratch-flops", "lots"), "a number of FLOPs .* or 'budget'"),
                       (("--scratch-flops", "budget"), "give its final validation loss as --target-loss"),
                       (("--scratch-wall", "3"), "--scratch-wall goes with --scratch-flops"),

@@ -114,8 +114,9 @@ def load_run_metrics(path: str | os.PathLike) -> Run:
 def _data_identity(run: Run) -> tuple:
     """What the tokenized data is, by content: the tokenizer's file and the token counts of both splits. The token
     cache key is not used: it includes the files' modification times, which a copy of the same data changes."""
-    tok = run.path / "tokenizer.json"
-    digest = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None
+    tok, kept = run.path / "tokenizer.json", run.path / "tokenizer.sha256"  # the latter: bench/archive.py's
+    digest = (hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else
+              kept.read_text().strip() if kept.is_file() else None)
     return digest, run.data.get("train_tokens"), run.data.get("valid_tokens")
 
 
