@@ -277,8 +277,9 @@ def _target_line(result: dict[str, Any]) -> str:
         if result.get("target_source", "scratch final loss") == "scratch final loss":
             return f"Target: scratch run `{result['scratch']}`{sr} final validation loss {loss} ({cost})"
         return f"Target: validation loss {loss} (given), which scratch run `{result['scratch']}`{sr} reaches at {cost}"
+    budgets = sorted({f"{m['scratch_flops']:.3g}" for m in result["methods"].values()})
     flops = (f"{result['scratch_flops']:.3g} FLOPs (given)" if result["scratch_flops"] is not None else
-             "each run's own token budget at full depth in FLOPs")
+             f"{' / '.join(budgets)} FLOPs (the target model at full depth over the run's own tokens)")
     wall = f"{result['scratch_wall']:.1f} s (given)" if result["scratch_wall"] else "no time given"
     return f"Target: validation loss {loss} (given; no scratch run), savings against scratch's cost of {flops}, {wall}"
 
