@@ -55,17 +55,18 @@ COMMON = ["--beta1", "0.9", "--beta2", "0.95", "--weight-decay", "0.1", "--warmu
 
 # one growth: 3 blocks grown once to 12 at 60 %, then a 30 % wsd decay (the default stack 2026-11-23..30; it missed
 # scratch's loss with 10M tokens, so the default became 3 -> 6 -> 12 at 20/50 % (stack-wsd), then at 30/60 %
-# (stack-wsd-late, the default since the third session of 2026-11-30))
+# (stack-wsd-late, the default from the third session of 2026-11-30), and at 20/50 % again from the fourteenth
+# session of 2026-12-02 (30/60 % missed the tuned scratch run's loss at 10M tokens, 20/50 % never did))
 ONESHOT3 = ["--stages", "3,12", "--grow-at", "0.6", "--schedule", "wsd", "--decay", "0.3"]
 C = ["--schedule", "cosine"]  # the schedule of the runs measured before wsd became the default (2026-11-23)
 SUM = ["--shared-grad", "sum"]  # sampling runs measured before averaged shared gradients became the default
 W4 = ["--schedule", "wsd", "--grow-at", "0.1,0.2,0.5"]  # four stages 1 -> 3 -> 6 -> 12 grown at 10/20/50 %, wsd
 # three-stage stacking 3 -> 6 -> 12 at 20/50 %, 20 % wsd decay (the default stack in the first two sessions of
-# 2026-11-30; the default now grows the same stages at 30/60 %: stack-wsd-late)
+# 2026-11-30 and again since 2026-12-02's fourteenth; in between it grew the same stages at 30/60 %: stack-wsd-late)
 WSD2 = ["--schedule", "wsd", "--decay", "0.2"]  # warmup-stable-decay, 20 % decay: the default of multi-stage runs
 STACKS3 = [*WSD2, "--stages", "3,6,12"]
 STACK3 = [*STACKS3, "--grow-at", "0.2,0.5"]
-STACK3_LATE = [*STACKS3, "--grow-at", "0.3,0.6"]  # the same stages at 30/60 %: today's default stack
+STACK3_LATE = [*STACKS3, "--grow-at", "0.3,0.6"]  # the same stages at 30/60 %: the default 2026-11-30..12-02
 
 
 def _staged3(first: str, second: str) -> list[str]:
@@ -89,16 +90,17 @@ def _last(args: list[str], flag: str) -> str:
 
 
 METHODS = {
-    # the tool's defaults (warmup-stable-decay; stack = 3 -> 6 -> 12 at 30/60 %, 20 % decay, since 2026-11-30)
+    # the tool's defaults (warmup-stable-decay; stack = 3 -> 6 -> 12 at 20/50 %, 20 % decay, since 2026-12-02; at
+    # 30/60 % from 2026-11-30 to 12-02: runs of `stack` from those days repeat with `stack-wsd-late`)
     "scratch": ["--method", "scratch"],
     "stack": ["--method", "stack"],
     "progressive": ["--method", "progressive"],
     "apollo": ["--method", "apollo"],
     # warmup-stable-decay (decay over the last 20 %) with the later 10/20/50 % growth points, and stacking
-    # 3 -> 6 -> 12 at 20/50 % (the default stack in the first two sessions of 2026-11-30)
+    # 3 -> 6 -> 12 at 20/50 % (the default stack, spelled out)
     "scratch-wsd": ["--method", "scratch", "--schedule", "wsd", "--decay", "0.2"],
     "stack-wsd": ["--method", "stack", *STACK3],
-    # the same three stages grown later, at 30/60 %: today's default stack, spelled out
+    # the same three stages grown later, at 30/60 %: the default stack from 2026-11-30 to 12-02, spelled out
     "stack-wsd-late": ["--method", "stack", *STACK3_LATE],
     "progressive-wsd": ["--method", "progressive", *W4],
     "apollo-wsd": ["--method", "apollo", *W4, *SUM],
@@ -136,7 +138,7 @@ METHODS = {
                             "--own-depth-weight", "1", "--sample-from", "0.5"],
     "apollo-stack3-own-late": ["--method", "apollo", "--layer-map", "stack", *STACK3, "--own-depth-weight", "1",
                                "--sample-from", "0.5"],
-    # the reverse of late sampling, on the default's schedule (3 -> 6 -> 12 at 30/60 %, stacking map): LVPS in the
+    # the reverse of late sampling, on the then default's schedule (3 -> 6 -> 12 at 30/60 %, stacking map): LVPS in the
     # first half of each stage, then the blocks train at their own depth up to the growth (which the runs above
     # found decides the final loss), so the deep draws' lessons come early and the own depth is repaired after
     "apollo-stack-early": ["--method", "apollo", "--layer-map", "stack", *STACK3_LATE, "--sample-until", "0.5"],
@@ -152,7 +154,7 @@ METHODS = {
     # delay the escape from the unigram plateau): LVPS only in the stages with 3 or more blocks, the 1-block stage
     # trained at depth 1 as in progressive-wsd
     "apollo-wsd-min3": ["--method", "apollo", *W4, "--sample-min-blocks", "3"],
-    # the default's stages and growth points (3 -> 6 -> 12 at 30/60 %, 20 % wsd decay) grown by staged training's
+    # the then default's stages and growth points (3 -> 6 -> 12 at 30/60 %, 20 % wsd decay) grown by staged's
     # function-preserving depth operator (each block followed by a new one that starts as the identity, zero
     # output projections and zero moments) instead of stacking copies
     "staged-depth-wsd": _staged3("0.3", "0.6"),

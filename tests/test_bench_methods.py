@@ -33,14 +33,14 @@ def test_every_bench_method_is_a_valid_config(size, name):
 
 
 def test_named_schedules_match_the_defaults_they_spell_out():
-    """stack-wsd-late spells out the default stack; stack-wsd is the same but grows at 20/50 %."""
+    """stack-wsd spells out the default stack (20/50 %); stack-wsd-late is the same but grows at 30/60 %."""
     cpu = [*bench.COMMON, *bench.SIZES["cpu"]["args"], "--data", "x.jsonl"]
     default = _config([*cpu, *bench.METHODS["stack"]])
-    spelled = _config([*cpu, *bench.METHODS["stack-wsd-late"]])
-    early = _config([*cpu, *bench.METHODS["stack-wsd"]])
+    spelled = _config([*cpu, *bench.METHODS["stack-wsd"]])
+    late = _config([*cpu, *bench.METHODS["stack-wsd-late"]])
     assert (default.stages, default.grow_at, default.schedule, default.decay) == \
         (spelled.stages, spelled.grow_at, spelled.schedule, spelled.decay)
-    assert (early.stages, early.grow_at, early.decay) == ("3,6,12", "0.2,0.5", 0.2)
+    assert (late.stages, late.grow_at, late.decay) == ("3,6,12", "0.3,0.6", 0.2)
     late2 = _config([*cpu, *bench.METHODS["stack-wsd-5080"]])
     assert (late2.method, late2.stages, late2.grow_at, late2.schedule, late2.decay) == \
         ("stack", "3,6,12", "0.5,0.8", "wsd", 0.2)
