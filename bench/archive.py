@@ -14,7 +14,6 @@ gives on the originals (tested), so BENCHMARKS.md's numbers can be checked witho
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from apollo_lm.errors import UserError  # noqa: E402
-from apollo_lm.eval.compare import load_run_metrics  # noqa: E402
+from apollo_lm.eval.compare import load_run_metrics, tokenizer_digest  # noqa: E402
 
 
 def slim_rows(rows: list[dict], sampled: bool) -> list[dict]:
@@ -49,9 +48,9 @@ def archive(run_dir: Path, dest: Path) -> Path:
     for name in ("config.json", "model.json", "data.json"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, tmp / name)
-    tok = run_dir / "tokenizer.json"
-    if tok.is_file():
-        (tmp / "tokenizer.sha256").write_text(hashlib.sha256(tok.read_bytes()).hexdigest() + "\n")
+    digest = tokenizer_digest(run)
+    if digest is not None:
+        (tmp / "tokenizer.sha256").write_text(digest + "\n")
     rows = slim_rows(run.rows, run.config.get("sampler") not in (None, "none"))
     (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if dest.exists():

@@ -111,13 +111,18 @@ def load_run_metrics(path: str | os.PathLike) -> Run:
     return run
 
 
+def tokenizer_digest(run: Run) -> str | None:
+    """SHA-256 of the run's ``tokenizer.json``, or the digest bench/archive.py kept in its place."""
+    tok, kept = run.path / "tokenizer.json", run.path / "tokenizer.sha256"
+    if tok.is_file():
+        return hashlib.sha256(tok.read_bytes()).hexdigest()
+    return kept.read_text().strip() if kept.is_file() else None
+
+
 def _data_identity(run: Run) -> tuple:
     """What the tokenized data is, by content: the tokenizer's file and the token counts of both splits. The token
     cache key is not used: it includes the files' modification times, which a copy of the same data changes."""
-    tok, kept = run.path / "tokenizer.json", run.path / "tokenizer.sha256"  # the latter: bench/archive.py's
-    digest = (hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else
-              kept.read_text().strip() if kept.is_file() else None)
-    return digest, run.data.get("train_tokens"), run.data.get("valid_tokens")
+    return tokenizer_digest(run), run.data.get("train_tokens"), run.data.get("valid_tokens")
 
 
 def check_comparable(scratch: Run, other: Run) -> None:
@@ -234,16 +239,15 @@ def compare(scratch: Run | None, runs: list[Run], target_loss: float | None = No
     for r in runs:
         name = r.name if names.count(r.name) == 1 else str(r.path)
         ref_flops = top_flops if top_flops is not None else full_depth_budget_flops(r)
-        ref_wall = top_wall
         cross = _crossing(r.evals, target)
         entry = {
             "run": str(r.path), "method": r.config.get("method"), "sampler": r.config.get("sampler"),
             "recipe": recipe(r.config),
             "reached": cross is not None,
             "flops_to_target": cross[0] if cross else None, "wall_to_target": cross[1] if cross else None,
-            "scratch_flops": ref_flops, "scratch_wall": ref_wall,
+            "scratch_flops": ref_flops, "scratch_wall": top_wall,
             "flops_saving": 1 - cross[0] / ref_flops if cross else None,
-            "wall_saving": 1 - cross[1] / ref_wall if cross and ref_wall else None,
+            "wall_saving": 1 - cross[1] / top_wall if cross and top_wall else None,
             "final_val_loss": r.evals[-1]["val_loss"],
             "total_flops": r.evals[-1]["flops"], "total_wall": r.evals[-1]["wall"],
         }
@@ -277,9 +281,11 @@ def _target_line(result: dict[str, Any]) -> str:
         if result.get("target_source", "scratch final loss") == "scratch final loss":
             return f"Target: scratch run `{result['scratch']}`{sr} final validation loss {loss} ({cost})"
         return f"Target: validation loss {loss} (given), which scratch run `{result['scratch']}`{sr} reaches at {cost}"
-    budgets = sorted({f"{m['scratch_flops']:.3g}" for m in result["methods"].values()})
-    flops = (f"{result['scratch_flops']:.3g} FLOPs (given)" if result["scratch_flops"] is not None else
-             f"{' / '.join(budgets)} FLOPs (the target model at full depth over the run's own tokens)")
+    if result["scratch_flops"] is not None:
+        flops = f"{result['scratch_flops']:.3g} FLOPs (given)"
+    else:
+        budgets = sorted({f"{m['scratch_flops']:.3g}" for m in result["methods"].values()})
+        flops = f"{' / '.join(budgets)} FLOPs (the target model at full depth over the run's own tokens)"
     wall = f"{result['scratch_wall']:.1f} s (given)" if result["scratch_wall"] else "no time given"
     return f"Target: validation loss {loss} (given; no scratch run), savings against scratch's cost of {flops}, {wall}"
 
