@@ -1,6 +1,7 @@
 """Data: readers for every format, tokenizer training and loading, cached token files, batches, masking."""
 
 import gzip
+import json
 import lzma
 
 import numpy as np
@@ -34,6 +35,15 @@ def test_readers_all_formats(tmp_path):
         "first para\nline two\n\n\nsecond para"]
     assert list(iter_documents([files[3]], text_field="body")) == ["zst doc"]
     assert expand_sources([str(tmp_path / "*.jsonl.*")]) == files[1:4]
+
+
+def test_jsonl_records_end_at_newline_only(tmp_path):
+    # JSON leaves U+0085, U+2028 and U+2029 unescaped inside strings (English Wikipedia has them); a reader that
+    # split at every Unicode line boundary broke such a record in two and refused the file
+    docs = ["a\u0085b", "c\u2028d\u2029e", "f\x1cg\x0bh\x0ci"]
+    body = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs) + '{"text": "crlf"}\r\n'
+    (tmp_path / "u.jsonl").write_bytes(body.encode())
+    assert list(iter_documents([str(tmp_path / "u.jsonl")])) == [*docs, "crlf"]
 
 
 def test_reader_errors(tmp_path):

@@ -126,7 +126,9 @@ def _iter_file(path: str, text_field: str, txt_docs: str) -> Iterator[str]:
                     yield para.strip()
     elif fmt == "jsonl":
         text = _read_text(path)
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # JSON Lines ends a record at "\n" only: str.splitlines() would also break inside strings at the
+        # separators JSON leaves unescaped (U+0085, U+2028, U+2029), as real Wikipedia text has
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -87,7 +87,8 @@ def read_split(data_dir: str | os.PathLike, task: Task, split: str, limit: int |
         raise UserError(f"{path} is missing: give --data-dir the GLUE directory holding {task.name}/train.tsv and "
                         f"{task.name}/dev.tsv (the layout GLUE's download script writes)")
     # no CSV quoting: GLUE's sentences contain bare quote characters; utf-8-sig drops MRPC's byte-order mark
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    # rows end at newlines only (read_text already turns "\r\n" into "\n"), not at U+0085 / U+2028 in a sentence
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
     rows = [line.split("\t") for line in lines if line.strip()]
     columns: dict[str | int, int] = {}
     if task.header:
