@@ -3,6 +3,7 @@
 import gzip
 import json
 import lzma
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +172,14 @@ def test_masking_statistics(docs):
     unchanged = (x[chosen] == y[chosen]).mean()
     assert abs(masked - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02
     assert torch.equal(b.get(3).x, b.get(3).x)  # masking is seeded by the step
+
+
+SHARED_EN = Path(__file__).resolve().parents[2] / "shared" / "data" / "en"
+
+
+@pytest.mark.skipif(not (SHARED_EN / "wiki.train.jsonl.xz").exists(), reason="the shared benchmark corpus is absent")
+def test_benchmark_corpus_reads_whole():
+    # the corpus of bench/growth.py's GPU sizes, read by the product's reader; the counts are the data README's
+    counts = {"wiki.train": 6394, "wiki.valid": 299, "news.train": 17186, "news.valid": 420}
+    for name, n in counts.items():
+        assert sum(1 for _ in iter_documents([str(SHARED_EN / f"{name}.jsonl.xz")])) == n, name
