@@ -113,6 +113,12 @@ def _read_text(path: str) -> str:
     return text
 
 
+def record_lines(text: str) -> list[str]:
+    """The lines of a line-per-record file (JSON Lines, TSV): split at "\n" only. str.splitlines() also breaks at
+    U+0085, U+2028 and U+2029, which JSON leaves unescaped inside strings (real Wikipedia text has them)."""
+    return text.split("\n")
+
+
 def _iter_file(path: str, text_field: str, txt_docs: str) -> Iterator[str]:
     fmt = file_format(path)
     if fmt == "txt":
@@ -126,9 +132,7 @@ def _iter_file(path: str, text_field: str, txt_docs: str) -> Iterator[str]:
                     yield para.strip()
     elif fmt == "jsonl":
         text = _read_text(path)
-        # JSON Lines ends a record at "\n" only: str.splitlines() would also break inside strings at the
-        # separators JSON leaves unescaped (U+0085, U+2028, U+2029), as real Wikipedia text has
-        for lineno, line in enumerate(text.split("\n"), 1):
+        for lineno, line in enumerate(record_lines(text), 1):
             if not line.strip():
                 continue
             try:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.readers import record_lines
 from ..data.tokenizer import special_ids
 from ..errors import UserError
 
@@ -87,8 +88,7 @@ def read_split(data_dir: str | os.PathLike, task: Task, split: str, limit: int |
         raise UserError(f"{path} is missing: give --data-dir the GLUE directory holding {task.name}/train.tsv and "
                         f"{task.name}/dev.tsv (the layout GLUE's download script writes)")
     # no CSV quoting: GLUE's sentences contain bare quote characters; utf-8-sig drops MRPC's byte-order mark
-    # rows end at newlines only (read_text already turns "\r\n" into "\n"), not at U+0085 / U+2028 in a sentence
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    lines = record_lines(path.read_text(encoding="utf-8-sig"))  # read_text turns "\r\n" into "\n"
     rows = [line.split("\t") for line in lines if line.strip()]
     columns: dict[str | int, int] = {}
     if task.header:
