@@ -103,6 +103,13 @@ def test_refuses_incomparable_runs(tmp_path):
     copy = _fake_run(tmp_path / "c", "apollo", [(100, 10, 5.0)])
     copy.data["cache_key"] = "other-mtime"
     compare(scratch, [copy])
+    # ... and so does the same file given by another path (relative here, absolute there, or carried to a GPU)
+    scratch.data["train_sources"], copy.data["train_sources"] = ["/work/shared/data/t.jsonl"], ["../data/t.jsonl"]
+    compare(scratch, [copy])
+    copy.data["train_sources"] = ["../data/other.jsonl"]
+    with pytest.raises(UserError, match="differ in training data"):
+        compare(scratch, [copy])
+    copy.data["train_sources"] = scratch.data["train_sources"]
     # ... but another tokenizer or other token counts do not
     (tmp_path / "c" / "tokenizer.json").write_text('{"model": "other"}')
     with pytest.raises(UserError, match="differ in tokenized data or tokenizer"):

@@ -223,3 +223,29 @@ def test_stage_lr_scales_each_stage(tmp_path, corpus_files, method, growth):
         assert b["lr"] == pytest.approx(a["lr"] * (3 if a["stage"] == 0 else 0.5), rel=1e-9)
     assert scaled[0]["train_loss"] == pytest.approx(plain[0]["train_loss"], rel=1e-6)  # same data, same init
     assert scaled[-1]["train_loss"] != pytest.approx(plain[-1]["train_loss"], rel=1e-6)
+
+
+def test_plan_line_predicts_stages_and_flops(tmp_path, corpus_files, caplog):
+    """The 'plan:' line a new run logs gives the target's parameters, tokens per parameter, each stage's steps
+    and the FLOPs as a fraction of full-depth training: what the run then measures against a scratch run."""
+    import logging
+    import re
+
+    common = ("--n-layer", "4", "--steps", "10", "--eval-every", "10")
+    with caplog.at_level(logging.INFO, logger="apollo_lm"):
+        assert _train(tmp_path / "stack", corpus_files, *common, "--method", "stack", "--stages", "1,2,4",
+                      "--grow-at", "0.2,0.5") == 0
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="apollo_lm"):
+        assert _train(tmp_path / "scratch", corpus_files, *common) == 0
+    scratch_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    assert "blocks for steps" not in scratch_line  # nothing to plan for scratch but its size and budget
+    assert "1 block for steps 0-1, 2 blocks for steps 2-4, 4 blocks for steps 5-9" in line
+    # 4 blocks of 32 hidden (12 d^2 + 13 d weights each) + 300 x 32 tied embeddings + 32 x 32 positions + ln_f
+    params = 4 * (12 * 32 * 32 + 13 * 32) + 300 * 32 + 32 * 32 + 2 * 32
+    assert f"{params / 1e6:.3g}M parameters" in line
+    assert f"1.28e+03 tokens, {1280 / params:.2g} per parameter" in line
+    flops = {d: read_metrics(tmp_path / d / "metrics.jsonl")[-1]["flops"] for d in ("stack", "scratch")}
+    planned = float(re.search(r": ([0-9.]+) % of the FLOPs", line).group(1))
+    assert planned == pytest.approx(100 * flops["stack"] / flops["scratch"], abs=0.06)

@@ -166,6 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "%d train / %d valid tokens", cfg.out, cfg.model, cfg.preset, trainer.mcfg.n_layer,
                  trainer.mcfg.n_embd, trainer.mcfg.n_head, trainer.mcfg.vocab_size, cfg.method, n_params / 1e6,
                  len(trainer.corpus.train.tokens), len(trainer.corpus.valid.tokens))
+        log.info("plan: %s", describe_plan(trainer.plan()))
     last = trainer.train()
     st = trainer.state
     if trainer.done():
@@ -185,6 +186,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         destroy(info)
         gc.collect()
     return 0 if last is not None else 1
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    """One line for the log: the target's size, the budget per parameter, and a growth run's stages and FLOPs."""
+    text = f"the target model has {plan['params'] / 1e6:.3g}M parameters"
+    if "tokens" in plan:
+        text += f"; {plan['tokens']:.3g} tokens, {plan['tokens_per_param']:.2g} per parameter"
+    if "stages" in plan:
+        text += "; " + ", ".join(f"{s['blocks']} block{'s' * (s['blocks'] != 1)} for steps "
+                                 f"{s['first_step']}-{s['last_step']}" for s in plan["stages"])
+        text += f": {100 * plan['flops_fraction']:.1f} % of the FLOPs of training it at full depth as long"
+    return text
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:

@@ -125,14 +125,24 @@ def _data_identity(run: Run) -> tuple:
     return tokenizer_digest(run), run.data.get("train_tokens"), run.data.get("valid_tokens")
 
 
+def _source_names(sources: list[str] | None) -> list[str] | None:
+    """The input files by name, not by the path they were given as: the same file given relative to another
+    directory, or a copy of it on another machine (a GPU's carried data), is the same input; what it holds is
+    checked by ``_data_identity``. Hugging Face dataset specs (``hf:...``) stay whole."""
+    if sources is None:
+        return None
+    return [s if s.startswith("hf:") else Path(s).name for s in sources]
+
+
 def check_comparable(scratch: Run, other: Run) -> None:
     """Refuse runs that differ in data, tokenizer, target model or validation set."""
     checks = [
-        ("training data", scratch.data.get("train_sources"), other.data.get("train_sources")),
-        ("validation set", (scratch.data.get("valid_sources"), scratch.data.get("valid_fraction"),
+        ("training data", _source_names(scratch.data.get("train_sources")),
+         _source_names(other.data.get("train_sources"))),
+        ("validation set", (_source_names(scratch.data.get("valid_sources")), scratch.data.get("valid_fraction"),
                             scratch.config.get("eval_batches"), scratch.config.get("seq_len")),
-         (other.data.get("valid_sources"), other.data.get("valid_fraction"), other.config.get("eval_batches"),
-          other.config.get("seq_len"))),
+         (_source_names(other.data.get("valid_sources")), other.data.get("valid_fraction"),
+          other.config.get("eval_batches"), other.config.get("seq_len"))),
         ("tokenized data or tokenizer", _data_identity(scratch), _data_identity(other)),
         ("target model", {k: scratch.model.get(k) for k in ("family", "n_layer", "n_embd", "n_head", "vocab_size")},
          {k: other.model.get(k) for k in ("family", "n_layer", "n_embd", "n_head", "vocab_size")}),

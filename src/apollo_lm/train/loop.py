@@ -225,6 +225,29 @@ class Trainer:
         self.schedule = StageSchedule(tuple(stages), tuple(starts), self.budget_unit)
         self._setup_stage_lr(len(stages), f"stages ({','.join(map(str, stages))})")
 
+    def plan(self) -> dict[str, Any]:
+        """What the run will do, known before its first step: the target model's parameters and the budget's
+        tokens per parameter; for growth without depth sampling on a step or token budget also each stage's
+        steps and the run's FLOPs as a fraction of training the target model at full depth for as many steps."""
+        with torch.device("meta"):
+            target = build_model(self.mcfg)
+        n_params = sum(p.numel() for p in target.parameters())  # tied weights count once
+        out: dict[str, Any] = {"params": n_params}
+        if self.budget_unit == "steps":
+            tokens = self.budget_total * self.tokens_per_step
+            out.update(tokens=tokens, tokens_per_param=tokens / n_params)
+        if (self.budget_unit != "steps" or self.cfg.method in OPERATOR_METHODS or self.cfg.method == "scratch"
+                or self.cfg.sampler != "none"):
+            return out
+        sched, total = self.schedule, int(self.budget_total)
+        bounds = [0, *(int(s) for s in sched.starts), total]
+        out["stages"] = [{"blocks": n, "first_step": a, "last_step": b - 1}
+                         for n, a, b in zip(sched.stages, bounds, bounds[1:])]
+        per_step = [train_step_flops(target, n, self.cfg.seq_len, self.tokens_per_step) for n in sched.stages]
+        spent = sum(f * (b - a) for f, a, b in zip(per_step, bounds, bounds[1:]))
+        out["flops_fraction"] = spent / (per_step[-1] * total)
+        return out
+
     def _setup_stage_lr(self, n_stages: int, what: str) -> None:
         if self.cfg.stage_lr is None:
             return
