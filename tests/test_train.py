@@ -249,3 +249,19 @@ def test_plan_line_predicts_stages_and_flops(tmp_path, corpus_files, caplog):
     flops = {d: read_metrics(tmp_path / d / "metrics.jsonl")[-1]["flops"] for d in ("stack", "scratch")}
     planned = float(re.search(r": ([0-9.]+) % of the FLOPs", line).group(1))
     assert planned == pytest.approx(100 * flops["stack"] / flops["scratch"], abs=0.06)
+
+
+def test_long_budget_note_only_for_default_stacking_past_its_measured_budget():
+    from apollo_lm.cli import DEFAULT_STACK_MEASURED_TPP, long_budget_note
+    from apollo_lm.config import RunConfig
+
+    default = RunConfig(method="stack", n_layer=12).resolved()
+    long, short = {"tokens_per_param": 7.5}, {"tokens_per_param": DEFAULT_STACK_MEASURED_TPP}
+    note = long_budget_note(default, long)
+    assert note and "7.5 tokens per parameter" in note and "--grow-at 0.1,0.3" in note
+    assert long_budget_note(default, short) is None  # within the budgets where the default reached scratch
+    assert long_budget_note(default, {}) is None  # a FLOPs budget: tokens per parameter unknown
+    for other in (RunConfig(method="stack", n_layer=12, grow_at="0.1,0.3"),  # the user chose the points
+                  RunConfig(method="stack", n_layer=12, stages="3,12"),
+                  RunConfig(method="scratch", n_layer=12), RunConfig(method="apollo", n_layer=12)):
+        assert long_budget_note(other.resolved(), long) is None

@@ -575,8 +575,9 @@ def default_grow_at(n_stages: int, method: str = "apollo") -> list[float]:
     25 % for apollo and progressive. For stack, in the stable phase of the wsd schedule: 20 %, 50 % with three
     stages (against the tuned scratch run with 10M tokens it reached scratch's loss at every seed, 28 to 30 %
     fewer FLOPs, where 30 %, 60 % saved about 35 % but missed at two seeds of four and later points missed more;
-    30/60 % saves 6 points more with short budgets, BENCHMARKS.md), 60 % for a single growth, 10 %, 20 %, 50 %
-    with four stages."""
+    30/60 % saves 6 points more with short budgets; with 7.5 tokens per parameter it ended 0.007 above scratch
+    where 10 %, 30 % reached it, so `apollo train` warns past 5, BENCHMARKS.md), 60 % for a single growth, 10 %,
+    20 %, 50 % with four stages."""
     if method == "stack" and n_stages in STACK_GROW_AT:
         return list(STACK_GROW_AT[n_stages])
     pts = [0.05, 0.10, 0.25]
