@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         plan = trainer.plan()
         log.info("plan: %s", describe_plan(plan))
         note = long_budget_note(cfg, plan)
-        if note:
+        if note and trainer.dist.is_main:  # the other ranks log warnings too
             log.warning("%s", note)
     last = trainer.train()
     st = trainer.state
@@ -206,7 +206,7 @@ def describe_plan(plan: dict[str, Any]) -> str:
 
 # the longest budget, in tokens per parameter, at which the default stacking points (20/50 %) were measured to reach a
 # tuned scratch run's loss (10M tokens of the CPU size, four seeds of four); at 7.5 they ended above it, while
-# growing at 10/30 % reached it (BENCHMARKS.md, "20M tokens: earlier growth reaches scratch")
+# growing at 10/30 % reached it (BENCHMARKS.md, "20M tokens: growing at 10/30 % reaches the scratch run")
 DEFAULT_STACK_MEASURED_TPP = 5.0
 
 
