@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import SAMPLERS, RunConfig, default_grow_at, load_config_file, parse_stages
+from .config import SAMPLERS, RunConfig, default_grow_at, load_config_file, parse_grow_at, parse_stages
 from .errors import UserError
 
 log = logging.getLogger("apollo_lm")
@@ -214,8 +214,8 @@ def long_budget_note(cfg: RunConfig, plan: dict[str, Any]) -> str | None:
     """A warning for the default stacking points on a budget longer than they were measured to win at."""
     if cfg.method != "stack" or cfg.sampler != "none" or plan.get("tokens_per_param", 0) <= DEFAULT_STACK_MEASURED_TPP:
         return None
-    stages = parse_stages(cfg.stages)
-    if len(stages) != 3 or cfg.grow_at != ",".join(str(g) for g in default_grow_at(3, "stack")):
+    default = default_grow_at(3, "stack")  # the points, compared by value, not by how they were written
+    if len(parse_stages(cfg.stages)) != 3 or parse_grow_at(cfg.grow_at) != [(g, "fraction") for g in default]:
         return None
     return (f"{plan['tokens_per_param']:.2g} tokens per parameter is longer than the default growth points "
             f"({cfg.grow_at}) were measured to win at: with 7.5 tokens per parameter they ended 0.007 above a tuned "
