@@ -33,13 +33,17 @@ def test_every_bench_method_is_a_valid_config(size, name):
 
 
 def test_named_schedules_match_the_defaults_they_spell_out():
-    """stack-wsd spells out the default stack (20/50 %); stack-wsd-late is the same but grows at 30/60 %."""
+    """stack-wsd spells out the default stack (20/50 % at the cpu size's one token per parameter); stack-wsd-late is
+    the same but grows at 30/60 %."""
+    from apollo_lm.config import stack_grow_at_for_budget
+
     cpu = [*bench.COMMON, *bench.SIZES["cpu"]["args"], "--data", "x.jsonl"]
     default = _config([*cpu, *bench.METHODS["stack"]])
     spelled = _config([*cpu, *bench.METHODS["stack-wsd"]])
     late = _config([*cpu, *bench.METHODS["stack-wsd-late"]])
-    assert (default.stages, default.grow_at, default.schedule, default.decay) == \
-        (spelled.stages, spelled.grow_at, spelled.schedule, spelled.decay)
+    assert (default.stages, default.schedule, default.decay) == (spelled.stages, spelled.schedule, spelled.decay)
+    assert default.grow_at is None  # chosen by the trainer from 3M tokens for about 2.65M parameters:
+    assert ",".join(map(str, stack_grow_at_for_budget(3e6 / 2.65e6))) == spelled.grow_at
     assert (late.stages, late.grow_at, late.decay) == ("3,6,12", "0.3,0.6", 0.2)
     late2 = _config([*cpu, *bench.METHODS["stack-wsd-5080"]])
     assert (late2.method, late2.stages, late2.grow_at, late2.schedule, late2.decay) == \

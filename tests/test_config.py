@@ -28,8 +28,8 @@ def test_resolved_fills_method_defaults():
         assert (r.repeat_scale, r.shared_grad) == ("none", "mean"), kw
     assert RunConfig(method="progressive", model="llama").resolved().repeat_scale == "uses"
     s = RunConfig(method="stack", preset="gpt-small").resolved()
-    # 3 -> 6 -> 12 at 20/50 %, 20 % decay: reached the tuned scratch run's loss at every seed with 3M and 10M tokens
-    assert (s.stages, s.grow_at, s.sampler, s.layer_map) == ("3,6,12", "0.2,0.5", "none", "stack")
+    # 3 -> 6 -> 12, 20 % decay; the growth points follow the budget, which the trainer knows (test_train)
+    assert (s.stages, s.grow_at, s.sampler, s.layer_map) == ("3,6,12", None, "none", "stack")
     assert (s.schedule, s.decay) == ("wsd", 0.2)
     # one growth, asked for by its stages: late (60 %), then a 30 % decay
     one = RunConfig(method="stack", n_layer=12, stages="3,12").resolved()
@@ -38,7 +38,7 @@ def test_resolved_fills_method_defaults():
     assert RunConfig(method="stack", decay=0.1).resolved().decay == 0.1
     default = RunConfig().resolved()
     assert default.steps == 400 and default.method == "stack" and default.stages == "1,2,4"
-    assert default.grow_at == "0.2,0.5"
+    assert default.grow_at is None  # 400 steps of the tiny preset: 0.2,0.5 (test_train)
     four = RunConfig(method="stack", n_layer=12, stages="1,3,6,12").resolved()
     assert (four.grow_at, four.decay) == ("0.1,0.2,0.5", 0.2)
 

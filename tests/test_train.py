@@ -251,17 +251,35 @@ def test_plan_line_predicts_stages_and_flops(tmp_path, corpus_files, caplog):
     assert planned == pytest.approx(100 * flops["stack"] / flops["scratch"], abs=0.06)
 
 
-def test_long_budget_note_only_for_default_stacking_past_its_measured_budget():
-    from apollo_lm.cli import DEFAULT_STACK_MEASURED_TPP, long_budget_note
-    from apollo_lm.config import RunConfig
+def test_stacking_points_follow_the_budget(tmp_path, corpus_files, caplog):
+    """Three stacking stages without --grow-at grow at 20/50 % up to five training tokens per parameter and at
+    10/30 % beyond; the chosen points are saved in config.json (a resume reads them from there); given points are
+    kept."""
+    import logging
 
-    default = RunConfig(method="stack", n_layer=12).resolved()
-    long, short = {"tokens_per_param": 7.5}, {"tokens_per_param": DEFAULT_STACK_MEASURED_TPP}
-    note = long_budget_note(default, long)
-    assert note and "7.5 tokens per parameter" in note and "--grow-at 0.1,0.3" in note
-    assert long_budget_note(default, short) is None  # within the budgets where the default reached scratch
-    assert long_budget_note(default, {}) is None  # a FLOPs budget: tokens per parameter unknown
-    for other in (RunConfig(method="stack", n_layer=12, grow_at="0.1,0.3"),  # the user chose the points
-                  RunConfig(method="stack", n_layer=12, stages="3,12"),
-                  RunConfig(method="scratch", n_layer=12), RunConfig(method="apollo", n_layer=12)):
-        assert long_budget_note(other.resolved(), long) is None
+    from apollo_lm.cli import build_config, build_parser
+    from apollo_lm.config import STACK_LONG_BUDGET_TPP, stack_grow_at_for_budget
+    from apollo_lm.train.loop import start_run
+
+    assert stack_grow_at_for_budget(STACK_LONG_BUDGET_TPP) == [0.2, 0.5]
+    assert stack_grow_at_for_budget(7.5) == [0.1, 0.3]
+    train, valid = corpus_files
+
+    def grow_at(name, *extra):
+        argv = ["train", "--data", str(train), "--valid", str(valid), "--out", str(tmp_path / name), *TINY,
+                "--n-layer", "4", "--method", "stack", "--stages", "1,2,4", *extra]
+        trainer = start_run(build_config(build_parser().parse_args(argv)), tmp_path / name)  # set up, not trained
+        return json.loads((tmp_path / name / "config.json").read_text())["grow_at"], trainer.plan()["params"]
+
+    # 4 blocks of 32 hidden and a 300-token vocabulary: about 61k parameters, 128 tokens a step
+    with caplog.at_level(logging.INFO, logger="apollo_lm"):
+        points, n_params = grow_at("long", "--tokens", "1M")
+    assert points == "0.1,0.3"
+    assert any(r.getMessage().startswith(f"growth points 0.1,0.3 for {1e6 / n_params:.2g} tokens per parameter")
+               for r in caplog.records)
+    steps = int(4 * n_params / 128)  # four tokens per parameter: the longest budget 20/50 % was measured to win at
+    assert grow_at("short", "--steps", str(steps))[0] == "0.2,0.5"
+    assert grow_at("given", "--tokens", "1M", "--grow-at", "0.2,0.5")[0] == "0.2,0.5"
+    # a FLOPs budget counts the tokens that training at full depth would take (about 6 FLOPs per parameter each)
+    assert grow_at("flops-short", "--flops", f"{6 * 2 * n_params ** 2:.6g}")[0] == "0.2,0.5"
+    assert grow_at("flops-long", "--flops", f"{6 * 10 * n_params ** 2:.6g}")[0] == "0.1,0.3"

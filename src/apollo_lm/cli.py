@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import SAMPLERS, RunConfig, default_grow_at, load_config_file, parse_grow_at, parse_stages
+from .config import SAMPLERS, RunConfig, load_config_file
 from .errors import UserError
 
 log = logging.getLogger("apollo_lm")
@@ -166,11 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "%d train / %d valid tokens", cfg.out, cfg.model, cfg.preset, trainer.mcfg.n_layer,
                  trainer.mcfg.n_embd, trainer.mcfg.n_head, trainer.mcfg.vocab_size, cfg.method, n_params / 1e6,
                  len(trainer.corpus.train.tokens), len(trainer.corpus.valid.tokens))
-        plan = trainer.plan()
-        log.info("plan: %s", describe_plan(plan))
-        note = long_budget_note(cfg, plan)
-        if note and trainer.dist.is_main:  # the other ranks log warnings too
-            log.warning("%s", note)
+        log.info("plan: %s", describe_plan(trainer.plan()))
     last = trainer.train()
     st = trainer.state
     if trainer.done():
@@ -202,25 +198,6 @@ def describe_plan(plan: dict[str, Any]) -> str:
                                  f"{s['first_step']}-{s['last_step']}" for s in plan["stages"])
         text += f": {100 * plan['flops_fraction']:.1f} % of the FLOPs of training it at full depth as long"
     return text
-
-
-# the longest budget, in tokens per parameter, at which the default stacking points (20/50 %) were measured to reach a
-# tuned scratch run's loss (10M tokens of the CPU size, four seeds of four); at 7.5 they ended above it, while
-# growing at 10/30 % reached it (BENCHMARKS.md, "20M tokens: growing at 10/30 % reaches the scratch run")
-DEFAULT_STACK_MEASURED_TPP = 5.0
-
-
-def long_budget_note(cfg: RunConfig, plan: dict[str, Any]) -> str | None:
-    """A warning for the default stacking points on a budget longer than they were measured to win at."""
-    if cfg.method != "stack" or cfg.sampler != "none" or plan.get("tokens_per_param", 0) <= DEFAULT_STACK_MEASURED_TPP:
-        return None
-    default = default_grow_at(3, "stack")  # the points, compared by value, not by how they were written
-    if len(parse_stages(cfg.stages)) != 3 or parse_grow_at(cfg.grow_at) != [(g, "fraction") for g in default]:
-        return None
-    return (f"{plan['tokens_per_param']:.2g} tokens per parameter is longer than the default growth points "
-            f"({cfg.grow_at}) were measured to win at: with 7.5 tokens per parameter they ended 0.007 above a tuned "
-            "scratch run, where growing at 0.1,0.3 ended 0.013 below it with 17 % fewer FLOPs (one seed, "
-            "BENCHMARKS.md); consider --grow-at 0.1,0.3, and check against a --method scratch run")
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:

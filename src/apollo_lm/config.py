@@ -151,7 +151,8 @@ class RunConfig:
                               "(@auto: when the slope rule says); default adapts to the target", group="growth")
     grow_at: str | None = _opt("stage starts after the first: fractions of the budget (0.05,0.1,0.25), or steps "
                                "(100s,200s) or tokens (1Mt,2Mt); default apollo/progressive 0.05,0.1,0.25, stack "
-                               "0.2,0.5 (one growth: 0.6)", group="growth")
+                               "0.2,0.5 up to 5 training tokens per parameter and 0.1,0.3 beyond (one growth: "
+                               "0.6)", group="growth")
     sampler: str | None = _opt("depth sampler (apollo default lvps; others none)", choices=SAMPLERS,
                                group="growth")
     layer_map: str | None = _opt("how logical layers map to physical blocks and how blocks are copied on growth "
@@ -276,8 +277,10 @@ class RunConfig:
             if c.stages is None:
                 c.stages = ",".join(str(s) for s in default_stages(c.method, c.n_layer))
             n_stages = len(parse_stages(c.stages))
-            if c.grow_at is None:
+            if c.grow_at is None and not (c.method == "stack" and n_stages == 3):
                 c.grow_at = ",".join(str(g) for g in default_grow_at(n_stages, c.method))
+            # three-stage stacking's points depend on the budget per parameter, known once the tokenizer has fixed
+            # the model's size: the trainer fills them in (stack_grow_at_for_budget) before config.json is written
         if c.decay is None:  # stack's single late growth gets a longer decay (measured with 0.3; the rest with 0.2)
             c.decay = 0.3 if c.method == "stack" and n_stages == 2 else 0.2
         return c
@@ -568,6 +571,17 @@ def default_stages(method: str, n_layer: int) -> list[int]:
 # three-stage schedule that reached the tuned scratch run's loss at every seed with 10M tokens), four as the
 # measured four-stage schedule
 STACK_GROW_AT = {1: [], 2: [0.6], 3: [0.2, 0.5], 4: [0.1, 0.2, 0.5]}
+# three stages on a budget of more tokens per parameter than STACK_LONG_BUDGET_TPP: 20/50 % reached the tuned scratch
+# run's loss at every seed up to four tokens per parameter (3M and 10M tokens) but ended above it with 7.5 (20M
+# tokens), where 10/30 % reached it at both seeds measured (BENCHMARKS.md, "20M tokens")
+STACK_GROW_AT_LONG = [0.1, 0.3]
+STACK_LONG_BUDGET_TPP = 5.0
+
+
+def stack_grow_at_for_budget(tokens_per_param: float) -> list[float]:
+    """Three-stage stacking's default growth points for a budget of this many training tokens per parameter of
+    the target model: 20 %, 50 % up to STACK_LONG_BUDGET_TPP, 10 %, 30 % beyond."""
+    return list(STACK_GROW_AT_LONG if tokens_per_param > STACK_LONG_BUDGET_TPP else STACK_GROW_AT[3])
 
 
 def default_grow_at(n_stages: int, method: str = "apollo") -> list[float]:
@@ -576,8 +590,8 @@ def default_grow_at(n_stages: int, method: str = "apollo") -> list[float]:
     stages (against the tuned scratch run with 10M tokens it reached scratch's loss at every seed, 28 to 30 %
     fewer FLOPs, where 30 %, 60 % saved about 35 % but missed at two seeds of four and later points missed more;
     30/60 % saves 6 points more with short budgets; with 7.5 tokens per parameter it ended 0.007 above scratch
-    where 10 %, 30 % reached it, so `apollo train` warns past 5, BENCHMARKS.md), 60 % for a single growth, 10 %,
-    20 %, 50 % with four stages."""
+    where 10 %, 30 % reached it: `apollo train` takes those beyond 5 tokens per parameter, see
+    stack_grow_at_for_budget), 60 % for a single growth, 10 %, 20 %, 50 % with four stages."""
     if method == "stack" and n_stages in STACK_GROW_AT:
         return list(STACK_GROW_AT[n_stages])
     pts = [0.05, 0.10, 0.25]

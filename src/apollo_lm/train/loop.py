@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import (OPERATOR_METHODS, ModelConfig, RunConfig, parse_amount, parse_grow_at, parse_stage_lr,
-                      parse_stages)
+from ..config import (OPERATOR_METHODS, STACK_GROW_AT, STACK_GROW_AT_LONG, STACK_LONG_BUDGET_TPP, ModelConfig,
+                      RunConfig, parse_amount, parse_grow_at, parse_stage_lr, parse_stages, stack_grow_at_for_budget)
 from ..data.batches import Batch, Batcher
 from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..data.tokens import Corpus, prepare_corpus
@@ -220,6 +220,8 @@ class Trainer:
         if stages[-1] != self.mcfg.n_layer:
             raise UserError(f"the last stage ({stages[-1]} blocks) must equal the target depth {self.mcfg.n_layer}: "
                             f"end --stages with {self.mcfg.n_layer}")
+        if cfg.grow_at is None:  # three stacking stages without --grow-at: the points follow the budget
+            cfg.grow_at = self._budget_grow_at()
         starts = [self._to_position(value, unit) for value, unit in parse_grow_at(cfg.grow_at)]
         self._check_starts(starts, f"--grow-at {cfg.grow_at}")
         self.schedule = StageSchedule(tuple(stages), tuple(starts), self.budget_unit)
@@ -229,9 +231,7 @@ class Trainer:
         """What the run will do, known before its first step: the target model's parameters and the budget's
         tokens per parameter; for growth without depth sampling on a step or token budget also each stage's
         steps and the run's FLOPs as a fraction of training the target model at full depth for as many steps."""
-        with torch.device("meta"):
-            target = build_model(self.mcfg)
-        n_params = sum(p.numel() for p in target.parameters())  # tied weights count once
+        target, n_params = self._target()
         out: dict[str, Any] = {"params": n_params}
         if self.budget_unit == "steps":
             tokens = self.budget_total * self.tokens_per_step
@@ -247,6 +247,26 @@ class Trainer:
         spent = sum(f * (b - a) for f, a, b in zip(per_step, bounds, bounds[1:]))
         out["flops_fraction"] = spent / (per_step[-1] * total)
         return out
+
+    def _target(self) -> tuple[nn.Module, int]:
+        """The target model on the meta device (no memory) and its parameter count, tied weights counted once."""
+        with torch.device("meta"):
+            target = build_model(self.mcfg)
+        return target, sum(p.numel() for p in target.parameters())
+
+    def _budget_grow_at(self) -> str:
+        """Three-stage stacking's growth points for this budget's tokens per parameter of the target model (for a
+        FLOPs budget: the tokens that training the target at full depth would take, the fewest it can train)."""
+        target, n_params = self._target()
+        if self.budget_unit == "steps":
+            tokens = self.budget_total * self.tokens_per_step
+        else:
+            tokens = self.budget_total / train_step_flops(target, self.mcfg.n_layer, self.cfg.seq_len, 1)
+        points = ",".join(str(g) for g in stack_grow_at_for_budget(tokens / n_params))
+        log.info("growth points %s for %.2g tokens per parameter: three stacking stages grow at %s up to %g tokens "
+                 "per parameter and at %s beyond (BENCHMARKS.md); --grow-at sets others", points, tokens / n_params,
+                 ",".join(map(str, STACK_GROW_AT[3])), STACK_LONG_BUDGET_TPP, ",".join(map(str, STACK_GROW_AT_LONG)))
+        return points
 
     def _setup_stage_lr(self, n_stages: int, what: str) -> None:
         if self.cfg.stage_lr is None:
