@@ -234,7 +234,7 @@ class Trainer:
         target, n_params = self._target()
         out: dict[str, Any] = {"params": n_params}
         if self.budget_unit == "steps":
-            tokens = self.budget_total * self.tokens_per_step
+            tokens = self._budget_tokens(target)
             out.update(tokens=tokens, tokens_per_param=tokens / n_params)
         if (self.budget_unit != "steps" or self.cfg.method in OPERATOR_METHODS or self.cfg.method == "scratch"
                 or self.cfg.sampler != "none"):
@@ -254,14 +254,17 @@ class Trainer:
             target = build_model(self.mcfg)
         return target, sum(p.numel() for p in target.parameters())
 
-    def _budget_grow_at(self) -> str:
-        """Three-stage stacking's growth points for this budget's tokens per parameter of the target model (for a
-        FLOPs budget: the tokens that training the target at full depth would take, the fewest it can train)."""
-        target, n_params = self._target()
+    def _budget_tokens(self, target: nn.Module) -> float:
+        """The tokens the budget trains; for a FLOPs budget those that training the target at full depth would
+        take (the fewest it can train)."""
         if self.budget_unit == "steps":
-            tokens = self.budget_total * self.tokens_per_step
-        else:
-            tokens = self.budget_total / train_step_flops(target, self.mcfg.n_layer, self.cfg.seq_len, 1)
+            return self.budget_total * self.tokens_per_step
+        return self.budget_total / train_step_flops(target, self.mcfg.n_layer, self.cfg.seq_len, 1)
+
+    def _budget_grow_at(self) -> str:
+        """Three-stage stacking's growth points for this budget's tokens per parameter of the target model."""
+        target, n_params = self._target()
+        tokens = self._budget_tokens(target)
         points = ",".join(str(g) for g in stack_grow_at_for_budget(tokens / n_params))
         log.info("growth points %s for %.2g tokens per parameter: three stacking stages grow at %s up to %g tokens "
                  "per parameter and at %s beyond (BENCHMARKS.md); --grow-at sets others", points, tokens / n_params,
