@@ -278,7 +278,7 @@ class RunConfig:
                 c.stages = ",".join(str(s) for s in default_stages(c.method, c.n_layer))
             n_stages = len(parse_stages(c.stages))
             if c.grow_at is None and not (c.method == "stack" and n_stages == 3):
-                c.grow_at = ",".join(str(g) for g in default_grow_at(n_stages, c.method))
+                c.grow_at = format_grow_at(default_grow_at(n_stages, c.method))
             # three-stage stacking's points depend on the budget per parameter, known once the tokenizer has fixed
             # the model's size: the trainer fills them in (stack_grow_at_for_budget) before config.json is written
         if c.decay is None:  # stack's single late growth gets a longer decay (measured with 0.3; the rest with 0.2)
@@ -532,6 +532,11 @@ def parse_stage_lr(text: str) -> list[float]:
     if not mults or any(not (0 < m <= 100) or not math.isfinite(m) for m in mults):
         raise UserError(f"--stage-lr {text!r}: multipliers must be positive (at most 100), e.g. 2,1")
     return mults
+
+
+def format_grow_at(points: list[float]) -> str:
+    """Growth points given as fractions of the budget, written as --grow-at takes them (0.2,0.5)."""
+    return ",".join(str(g) for g in points)
 
 
 def parse_grow_at(text: str) -> list[tuple[float, str]]:

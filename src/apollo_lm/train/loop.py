@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from ..config import (OPERATOR_METHODS, STACK_GROW_AT, STACK_GROW_AT_LONG, STACK_LONG_BUDGET_TPP, ModelConfig,
-                      RunConfig, parse_amount, parse_grow_at, parse_stage_lr, parse_stages, stack_grow_at_for_budget)
+                      RunConfig, format_grow_at, parse_amount, parse_grow_at, parse_stage_lr, parse_stages,
+                      stack_grow_at_for_budget)
 from ..data.batches import Batch, Batcher
 from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..data.tokens import Corpus, prepare_corpus
@@ -265,10 +266,11 @@ class Trainer:
         """Three-stage stacking's growth points for this budget's tokens per parameter of the target model."""
         target, n_params = self._target()
         tokens = self._budget_tokens(target)
-        points = ",".join(str(g) for g in stack_grow_at_for_budget(tokens / n_params))
+        points = format_grow_at(stack_grow_at_for_budget(tokens / n_params))
         log.info("growth points %s for %.2g tokens per parameter: three stacking stages grow at %s up to %g tokens "
                  "per parameter and at %s beyond (BENCHMARKS.md); --grow-at sets others", points, tokens / n_params,
-                 ",".join(map(str, STACK_GROW_AT[3])), STACK_LONG_BUDGET_TPP, ",".join(map(str, STACK_GROW_AT_LONG)))
+                 format_grow_at(STACK_GROW_AT[3]), STACK_LONG_BUDGET_TPP,
+                 format_grow_at(STACK_GROW_AT_LONG))
         return points
 
     def _setup_stage_lr(self, n_stages: int, what: str) -> None:
