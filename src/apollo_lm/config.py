@@ -577,9 +577,9 @@ def default_stages(method: str, n_layer: int) -> list[int]:
 # measured four-stage schedule
 STACK_GROW_AT = {1: [], 2: [0.6], 3: [0.2, 0.5], 4: [0.1, 0.2, 0.5]}
 # three stages on a budget of more tokens per parameter than STACK_LONG_BUDGET_TPP: 20/50 % reached the tuned scratch
-# run's loss at every seed up to four tokens per parameter (3M and 10M tokens) but ended 0.007 above it with 5.6
-# (15M tokens, one seed) and with 7.5 (20M tokens, one seed of two; level at the other), where 10/30 % reached it
-# (BENCHMARKS.md, "20M tokens" and "15M tokens")
+# run's loss at every seed up to four tokens per parameter (3M and 10M tokens) but ended 0.004 to 0.007 above it
+# with 5.6 (15M tokens, both seeds) and with 7.5 (20M tokens, one seed of two; level at the other), where 10/30 %
+# reached it at every seed (BENCHMARKS.md, "20M tokens" and "15M tokens")
 STACK_GROW_AT_LONG = [0.1, 0.3]
 STACK_LONG_BUDGET_TPP = 5.0
 
@@ -595,7 +595,7 @@ def default_grow_at(n_stages: int, method: str = "apollo") -> list[float]:
     25 % for apollo and progressive. For stack, in the stable phase of the wsd schedule: 20 %, 50 % with three
     stages (against the tuned scratch run with 10M tokens it reached scratch's loss at every seed, 28 to 30 %
     fewer FLOPs, where 30 %, 60 % saved about 35 % but missed at two seeds of four and later points missed more;
-    30/60 % saves 6 points more with short budgets; with 5.6 and 7.5 tokens per parameter it ended 0.007 above
+    30/60 % saves 6 points more with short budgets; with 5.6 and 7.5 tokens per parameter it ended up to 0.007 above
     scratch where 10 %, 30 % reached it: `apollo train` takes those beyond 5 tokens per parameter, see
     stack_grow_at_for_budget), 60 % for a single growth, 10 %, 20 %, 50 % with four stages."""
     if method == "stack" and n_stages in STACK_GROW_AT:
