@@ -283,3 +283,13 @@ def test_stacking_points_follow_the_budget(tmp_path, corpus_files, caplog):
     # a FLOPs budget counts the tokens that training at full depth would take (about 6 FLOPs per parameter each)
     assert grow_at("flops-short", "--flops", f"{6 * 2 * n_params ** 2:.6g}")[0] == "0.2,0.5"
     assert grow_at("flops-long", "--flops", f"{6 * 10 * n_params ** 2:.6g}")[0] == "0.1,0.3"
+    # 20/50 % was measured on Llama and BERT only up to about one token per parameter: past two, a warning
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="apollo_lm"):
+        grow_at("gpt-3", "--steps", str(int(3 * n_params / 128)))
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert grow_at("llama-1", "--model", "llama", "--steps", "200")[0] == "0.2,0.5"
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert grow_at("llama-3", "--model", "llama", "--steps", str(int(3 * n_params / 128)))[0] == "0.2,0.5"
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "llama family" in warned[0] and "--grow-at 0.1,0.3" in warned[0]

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import (OPERATOR_METHODS, STACK_GROW_AT, STACK_GROW_AT_LONG, STACK_LONG_BUDGET_TPP, ModelConfig,
-                      RunConfig, format_grow_at, parse_amount, parse_grow_at, parse_stage_lr, parse_stages,
-                      stack_grow_at_for_budget)
+from ..config import (OPERATOR_METHODS, STACK_FAMILY_CHECKED_TPP, STACK_GROW_AT, STACK_GROW_AT_LONG,
+                      STACK_LONG_BUDGET_TPP, ModelConfig, RunConfig, format_grow_at, parse_amount, parse_grow_at,
+                      parse_stage_lr, parse_stages, stack_grow_at_for_budget)
 from ..data.batches import Batch, Batcher
 from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..data.tokens import Corpus, prepare_corpus
@@ -271,6 +271,13 @@ class Trainer:
                  "per parameter and at %s beyond (BENCHMARKS.md); --grow-at sets others", points, tokens / n_params,
                  format_grow_at(STACK_GROW_AT[3]), STACK_LONG_BUDGET_TPP,
                  format_grow_at(STACK_GROW_AT_LONG))
+        checked = STACK_FAMILY_CHECKED_TPP.get(self.mcfg.family)
+        tpp = tokens / n_params
+        if checked is not None and checked < tpp <= STACK_LONG_BUDGET_TPP:
+            log.warning("growth points %s for %.2g tokens per parameter: on the %s family they were measured to reach "
+                        "a tuned scratch run's loss only up to about one token per parameter (with 3.7 they tied or "
+                        "missed it; BENCHMARKS.md, \"Llama and BERT with 10M tokens\"); consider --grow-at 0.1,0.3 and "
+                        "check the run against --method scratch", points, tpp, self.mcfg.family)
         return points
 
     def _setup_stage_lr(self, n_stages: int, what: str) -> None:
