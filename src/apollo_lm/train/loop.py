@@ -266,14 +266,15 @@ class Trainer:
         """Three-stage stacking's growth points for this budget's tokens per parameter of the target model."""
         target, n_params = self._target()
         tokens = self._budget_tokens(target)
-        points = format_grow_at(stack_grow_at_for_budget(tokens / n_params))
+        tpp = tokens / n_params
+        points = format_grow_at(stack_grow_at_for_budget(tpp))
         log.info("growth points %s for %.2g tokens per parameter: three stacking stages grow at %s up to %g tokens "
-                 "per parameter and at %s beyond (BENCHMARKS.md); --grow-at sets others", points, tokens / n_params,
+                 "per parameter and at %s beyond (BENCHMARKS.md); --grow-at sets others", points, tpp,
                  format_grow_at(STACK_GROW_AT[3]), STACK_LONG_BUDGET_TPP,
                  format_grow_at(STACK_GROW_AT_LONG))
         checked = STACK_FAMILY_CHECKED_TPP.get(self.mcfg.family)
-        tpp = tokens / n_params
-        if checked is not None and checked < tpp <= STACK_LONG_BUDGET_TPP:
+        # the other ranks log warnings too: one is enough under torchrun
+        if self.dist.is_main and checked is not None and checked < tpp <= STACK_LONG_BUDGET_TPP:
             log.warning("growth points %s for %.2g tokens per parameter: on the %s family they were measured to reach "
                         "a tuned scratch run's loss only up to about one token per parameter (with 3.7 they tied or "
                         "missed it; BENCHMARKS.md, \"Llama and BERT with 10M tokens\"); consider --grow-at 0.1,0.3 and "
