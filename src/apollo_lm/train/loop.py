@@ -273,13 +273,10 @@ class Trainer:
                  format_grow_at(STACK_GROW_AT[3]), STACK_LONG_BUDGET_TPP[family], format_grow_at(STACK_GROW_AT_LONG))
         checked = STACK_FAMILY_CHECKED_TPP.get(family)
         # the other ranks log warnings too: one is enough under torchrun
-        if self.dist.is_main and checked is not None and checked < tpp:
+        if self.dist.is_main and checked is not None and checked[0] < tpp:
             log.warning("growth points %s for %.2g tokens per parameter: on the %s family growth was measured to reach "
-                        "a tuned scratch run's loss only up to about one token per parameter; with 3.75 every schedule "
-                        "measured ended 0.006 to 0.021 above it, the closest with the small stages at twice the grown "
-                        "model's rate (--lr at scratch's best, --stage-lr 2,2,1; BERT measured at one seed: "
-                        "BENCHMARKS.md, \"10/30 %% on Llama and BERT with 10M tokens\"): check the run against "
-                        "--method scratch", points, tpp, family)
+                        "a tuned scratch run's loss only up to about one token per parameter; %s: check the run "
+                        "against --method scratch", points, tpp, family, checked[1])
         return points
 
     def _setup_stage_lr(self, n_stages: int, what: str) -> None:
