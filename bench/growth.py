@@ -91,8 +91,8 @@ def _last(args: list[str], flag: str) -> str:
 
 METHODS = {
     # the tool's defaults (warmup-stable-decay; stack = 3 -> 6 -> 12 at 20/50 %, 20 % decay, since 2026-12-02, and
-    # at 10/30 % past five tokens per parameter since 2026-12-06; at 30/60 % from 2026-11-30 to 12-02: runs of
-    # `stack` from those days repeat with `stack-wsd-late`)
+    # at 10/30 % past a family's long-budget threshold: five tokens per parameter since 2026-12-06, two for Llama
+    # since 12-07; at 30/60 % from 2026-11-30 to 12-02: runs of `stack` from those days repeat with `stack-wsd-late`)
     "scratch": ["--method", "scratch"],
     "stack": ["--method", "stack"],
     "progressive": ["--method", "progressive"],
@@ -103,7 +103,7 @@ METHODS = {
     "stack-wsd": ["--method", "stack", *STACK3],
     # the same three stages grown later, at 30/60 %: the default stack from 2026-11-30 to 12-02, spelled out
     "stack-wsd-late": ["--method", "stack", *STACK3_LATE],
-    # and earlier, at 10/30 %: what `stack` grows at past five tokens per parameter (since 2026-12-06), spelled out
+    # and earlier, at 10/30 %: what `stack` grows at past the family's threshold (config.STACK_LONG_BUDGET_TPP)
     "stack-wsd-early": ["--method", "stack", *STACKS3, "--grow-at", "0.1,0.3"],
     "progressive-wsd": ["--method", "progressive", *W4],
     "apollo-wsd": ["--method", "apollo", *W4, *SUM],
