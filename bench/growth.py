@@ -91,8 +91,8 @@ def _last(args: list[str], flag: str) -> str:
 
 METHODS = {
     # the tool's defaults (warmup-stable-decay; stack = 3 -> 6 -> 12 at 20/50 %, 20 % decay, since 2026-12-02, and
-    # at 10/30 % past a family's long-budget threshold: five tokens per parameter since 2026-12-06, for Llama two
-    # in 12-07's second and third sessions, three since; at 30/60 % from 2026-11-30 to 12-02: runs of `stack` from
+    # at 10/30 % past a family's long-budget threshold, config.py's STACK_LONG_BUDGET_TPP (since 2026-12-06; Llama's
+    # was lower in 12-07's second and third sessions); at 30/60 % from 2026-11-30 to 12-02: runs of `stack` from
     # those days repeat with `stack-wsd-late`)
     "scratch": ["--method", "scratch"],
     "stack": ["--method", "stack"],

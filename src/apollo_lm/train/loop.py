@@ -274,8 +274,7 @@ class Trainer:
         checked = STACK_FAMILY_CHECKED_TPP.get(family)
         # the other ranks log warnings too: one is enough under torchrun
         if self.dist.is_main and checked is not None and checked[0] < tpp:
-            log.warning("growth points %s for %.2g tokens per parameter: on the %s family growth was measured to reach "
-                        "a tuned scratch run's loss at every seed only up to about one token per parameter; %s: "
+            log.warning("growth points %s for %.2g tokens per parameter: on the %s family growth was measured to %s: "
                         "check the run against --method scratch", points, tpp, family, checked[1])
         return points
 
