@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from apollo_lm.data.batches import IGNORE, Batcher
+from apollo_lm.data.batches import IGNORE
 from apollo_lm.data.tokens import prepare_corpus
 from apollo_lm.eval.evaluate import load_run
-from apollo_lm.train.loop import evaluate
+from apollo_lm.train.loop import evaluate, validation_batches
 
 _SDPA = F.scaled_dot_product_attention
 
@@ -58,18 +58,13 @@ def attention(mode: str, record: list | None = None):
     appending each call's weights to ``record``)."""
 
     def patched(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
-        T = q.shape[-2]
         if mode == "self":
             return v
-        if mode == "uniform":
-            w = _weights(torch.zeros_like(q), k, attn_mask, is_causal)  # equal scores: uniform over allowed keys
-            return w @ v
-        w = _weights(q, k, attn_mask, is_causal)
+        # equal scores give uniform attention over the keys the masks allow
+        w = _weights(torch.zeros_like(q) if mode == "uniform" else q, k, attn_mask, is_causal)
         if record is not None:
             record.append(w.detach())
-        out = _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
-        assert out.shape[-2] == T
-        return out
+        return w @ v  # eval mode: no dropout
 
     F.scaled_dot_product_attention = patched
     try:
@@ -78,7 +73,7 @@ def attention(mode: str, record: list | None = None):
         F.scaled_dot_product_attention = _SDPA
 
 
-def head_stats(weights: list[torch.Tensor]) -> dict:
+def head_stats(weights: list[torch.Tensor]) -> list[dict]:
     """Per layer and head: mean entropy, share on self, on the previous and on the next position."""
     layers = []
     for w in weights:  # (B, nh, T, T), one per layer call
@@ -88,17 +83,14 @@ def head_stats(weights: list[torch.Tensor]) -> dict:
         prev = torch.diagonal(w, -1, -2, -1).sum(-1).div(T).mean(0)  # query t gives to t-1 (0 for t = 0)
         nxt = torch.diagonal(w, 1, -2, -1).sum(-1).div(T).mean(0)
         layers.append({"entropy": ent.tolist(), "self": diag.tolist(), "prev": prev.tolist(), "next": nxt.tolist()})
-    return {"layers": layers}
+    return layers
 
 
 def probe(run_dir: str) -> dict:
-    torch.manual_seed(0)
     run = load_run(run_dir)
-    cfg = run.cfg
-    corpus = prepare_corpus(cfg, tokenizer=run.tokenizer)
+    corpus = prepare_corpus(run.cfg, tokenizer=run.tokenizer)
     vocab = run.mcfg.vocab_size
-    batches = Batcher(corpus.valid.tokens, cfg.model, cfg.seq_len, cfg.batch_size, corpus.ids, vocab,
-                      cfg.seed).fixed_batches(cfg.eval_batches)
+    batches = validation_batches(corpus, run.cfg, vocab)
     dev = torch.device("cpu")
     out = {"run": run_dir, "step": run.step, "loss": evaluate(run.model, batches, dev, None, run.target_map)}
     for mode in ("uniform", "self"):
@@ -118,13 +110,12 @@ def probe(run_dir: str) -> dict:
             run.model(b.x, b.y, layer_map=run.target_map)
     n_layers = len(record) // len(some)
     merged = [torch.cat(record[i::n_layers]) for i in range(n_layers)]
-    stats = head_stats(merged)
-    ents = [e for layer in stats["layers"] for e in layer["entropy"]]
-    nbr = [p + n for layer in stats["layers"] for p, n in zip(layer["prev"], layer["next"])]
+    layers = head_stats(merged)
+    ents = [e for layer in layers for e in layer["entropy"]]
+    nbr = [p + n for layer in layers for p, n in zip(layer["prev"], layer["next"])]
     out.update({"mean_entropy": float(np.mean(ents)), "min_entropy": float(min(ents)), "heads": len(ents),
                 "max_neighbour_share": float(max(nbr)),
-                "self_share": float(np.mean([s for layer in stats["layers"] for s in layer["self"]])),
-                "layers": stats["layers"]})
+                "self_share": float(np.mean([s for layer in layers for s in layer["self"]])), "layers": layers})
     return out
 
 

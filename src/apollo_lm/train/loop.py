@@ -79,6 +79,12 @@ def model_config_for(cfg: RunConfig, vocab_size: int) -> ModelConfig:
     return m
 
 
+def validation_batches(corpus: Corpus, cfg: RunConfig, vocab: int) -> list[Batch]:
+    """The run's fixed validation batches: the ones its validation loss is measured on."""
+    return Batcher(corpus.valid.tokens, cfg.model, cfg.seq_len, cfg.batch_size, corpus.ids, vocab,
+                   cfg.seed).fixed_batches(cfg.eval_batches)
+
+
 def evaluate(model: nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None,
              lmap: list[int] | None = None, branch_scale: list[float] | None = None) -> float:
     """Token-weighted mean loss over fixed batches."""
@@ -166,9 +172,7 @@ class Trainer:
             self.mcfg = model_config_for(cfg, vocab)
         self.batcher = Batcher(self.corpus.train.tokens, cfg.model, cfg.seq_len, cfg.batch_size, self.corpus.ids,
                                vocab, cfg.seed)
-        valid_batcher = Batcher(self.corpus.valid.tokens, cfg.model, cfg.seq_len, cfg.batch_size,
-                                self.corpus.ids, vocab, cfg.seed)
-        self.valid_batches = valid_batcher.fixed_batches(cfg.eval_batches)
+        self.valid_batches = validation_batches(self.corpus, cfg, vocab)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world
         self._setup_budget_and_schedule()
         self.samplers = self._stage_samplers()
